@@ -1,0 +1,58 @@
+"""leafpass: ZeRO-3 leaf modules that ``torch.compile`` keeps opaque.
+
+    import torch, leafpass
+    leafpass.set_z3_leaf_modules(model, [MoEBlock])
+    compiled = torch.compile(model, backend="z3leaf")
+
+Importing leafpass wraps ``nn.Module.__call__`` once (see ``leafpass.capture``) and
+registers the ``torch.ops.leafpass.prefetch_all`` op. The backend is also found by
+name through the ``torch_dynamo_backends`` entry point, without importing leafpass.
+"""
+
+from __future__ import annotations
+
+from . import capture as _capture
+from . import ops as _ops  # noqa: F401  (registers torch.ops.leafpass.prefetch_all)
+from .backend import make_backend, z3leaf_backend
+from .flags import (
+    DEFAULT_LEAF_MODULE_CLASSES,
+    apply_leaf_module_config,
+    get_z3_leaf_modules,
+    set_z3_leaf_module,
+    set_z3_leaf_modules,
+    set_z3_leaf_modules_by_name,
+    set_z3_leaf_modules_by_suffix,
+    unset_z3_leaf_modules,
+    z3_leaf_module,
+    z3_leaf_parameter,
+)
+from .format import format_graph
+from .record import GraphRecorder, record_graphs
+from .runtime import NullRuntime, PrefetchRuntime, use_runtime
+from .shape_inference import LeafShapeError
+
+_capture.install()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LEAF_MODULE_CLASSES",
+    "GraphRecorder",
+    "LeafShapeError",
+    "NullRuntime",
+    "PrefetchRuntime",
+    "apply_leaf_module_config",
+    "format_graph",
+    "get_z3_leaf_modules",
+    "make_backend",
+    "record_graphs",
+    "set_z3_leaf_module",
+    "set_z3_leaf_modules",
+    "set_z3_leaf_modules_by_name",
+    "set_z3_leaf_modules_by_suffix",
+    "unset_z3_leaf_modules",
+    "use_runtime",
+    "z3_leaf_module",
+    "z3_leaf_parameter",
+    "z3leaf_backend",
+]

@@ -1,0 +1,92 @@
+"""The ``z3leaf`` backend: wires capture, passes, recording and lowering together.
+
+``torch.compile(model, backend="z3leaf")`` finds it through the entry point group
+``torch_dynamo_backends``; ``leafpass.make_backend(**options)`` builds the same backend
+with options bound. This module validates options and holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch.fx
+
+from .capture import annotate_input_sources
+from .lower import lower
+from .passes import run_passes
+from .record import notify_graph
+
+__all__ = ["OPTIONS", "INNER_COMPILERS", "make_backend", "z3leaf_backend", "resolve_inner"]
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+OPTIONS: Mapping[str, str] = {
+    "inner": f"compiler for the non-leaf pieces: one of {INNER_COMPILERS} or a backend callable",
+}
+
+
+def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"z3leaf options must be a dict such as {{'inner': 'inductor'}}, got {type(options).__name__}"
+        )
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        valid = ", ".join(f"{k!r} ({v})" for k, v in OPTIONS.items())
+        raise ValueError(f"unknown z3leaf option(s) {unknown}; valid options: {valid}")
+    checked = {"inner": "inductor", **options}
+    inner = checked["inner"]
+    if not callable(inner) and inner not in INNER_COMPILERS:
+        raise ValueError(
+            f"z3leaf option 'inner' must be one of {list(INNER_COMPILERS)} or a backend callable "
+            f"(gm, example_inputs) -> callable; got {inner!r}"
+        )
+    return checked
+
+
+def resolve_inner(inner: Any, mode: str | None = None) -> Callable:
+    """The compiler that compiles non-leaf pieces, from the ``inner`` option."""
+    if callable(inner):
+        return inner
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        if mode and mode != "default":
+            patches = torch._inductor.list_mode_options(mode)
+            return lambda gm, ex: compile_fx(gm, ex, config_patches=patches)
+        return compile_fx
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(inner)
+
+
+def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
+    checked = _check_options(options)
+    annotate_input_sources(gm)
+    gm = run_passes(gm)
+    notify_graph(gm)
+    return lower(gm, list(example_inputs), resolve_inner(checked["inner"], mode))
+
+
+def make_backend(**options: Any) -> Callable:
+    """A z3leaf backend with ``options`` bound: ``torch.compile(m, backend=make_backend(inner="aot_eager"))``."""
+    _check_options(options)
+
+    def backend(gm, example_inputs, **kwargs):
+        extra = kwargs.pop("options", None) or {}
+        mode = kwargs.pop("mode", None)
+        if kwargs:
+            raise TypeError(f"z3leaf backend got unexpected arguments {sorted(kwargs)}")
+        return _compile(gm, example_inputs, {**options, **extra}, mode)
+
+    backend._leafpass_backend = True
+    backend.__name__ = "z3leaf"
+    return backend
+
+
+def z3leaf_backend(gm, example_inputs, options: Mapping[str, Any] | None = None, mode: str | None = None):
+    """``torch.compile(model, backend="z3leaf", options={"inner": "inductor"})``."""
+    return _compile(gm, example_inputs, options or {}, mode)
+
+
+z3leaf_backend._leafpass_backend = True

@@ -1,0 +1,138 @@
+"""Lowering: split the graph at its leaves, compile the rest, run leaves eagerly.
+
+The graph after the passes alternates stretches of ordinary ops with leaf calls::
+
+    [linear] -> prefetch_all moe1, moe1(...) -> [linear, relu] -> prefetch_all moe2, moe2(...)
+
+``lower`` cuts it with ``torch.fx.passes.split_module`` (as Dynamo's DDPOptimizer
+does) into pieces: each stretch of ordinary ops becomes a piece compiled by the
+inner compiler (inductor, aot_eager, ...); each leaf becomes a piece run eagerly,
+holding its ``prefetch_all``, its ``call_module`` and the ``getitem`` nodes that
+unpack its output. A small top-level graph calls the pieces in order; autograd
+links them, so the leaf's backward runs eagerly between compiled backward pieces.
+
+Each compiled piece is compiled with fake inputs taken from the traced graph's
+``example_value`` metadata (the leaf's real outputs cannot be faked by running it).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.fx
+from torch.fx.passes.split_module import split_module
+
+from .leaf_call import leaf_call_of
+from .passes.insert_prefetch import is_prefetch_node
+
+__all__ = ["lower", "leaf_partitions"]
+
+
+def _example(node: torch.fx.Node):
+    meta = node.meta
+    return meta.get("example_value", meta.get("val"))
+
+
+def leaf_partitions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
+    """Partition id of every node, in graph order.
+
+    A leaf piece holds a leaf's ``prefetch_all``, its ``call_module`` and the
+    ``getitem``/``getattr`` nodes unpacking its output; every other stretch of
+    nodes is one compiled piece.
+    """
+    part: dict[torch.fx.Node, int] = {}
+    current, current_is_leaf = 0, False
+    leaf_values: set[torch.fx.Node] = set()
+    previous = None
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if is_prefetch_node(node):
+            current, current_is_leaf = current + 1, True
+        elif node.op == "call_module" and leaf_call_of(node) is not None:
+            if not (previous is not None and is_prefetch_node(previous)):
+                current, current_is_leaf = current + 1, True
+            leaf_values.add(node)
+        elif current_is_leaf and _unpacks(node, leaf_values):
+            leaf_values.add(node)
+        elif current_is_leaf:
+            current, current_is_leaf = current + 1, False
+        part[node] = current
+        previous = node
+    return part
+
+
+def _unpacks(node: torch.fx.Node, values: set[torch.fx.Node]) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target in (operator.getitem, getattr)
+        and isinstance(node.args[0], torch.fx.Node)
+        and node.args[0] in values
+    )
+
+
+class _CompiledPiece(torch.nn.Module):
+    """Calls a compiled piece; pieces are compiled with tuple outputs and unwrapped here."""
+
+    def __init__(self, fn: Callable, single: bool) -> None:
+        super().__init__()
+        self.fn = fn
+        self.single = single
+
+    def forward(self, *args):
+        out = self.fn(*args)
+        return out[0] if self.single else tuple(out)
+
+
+def _as_tuple_output(piece: torch.fx.GraphModule) -> bool:
+    """Make ``piece`` return a tuple (aot_autograd wants one); True if it returned one value."""
+    out = next(n for n in reversed(piece.graph.nodes) if n.op == "output")
+    value = out.args[0]
+    if isinstance(value, (tuple, list)):
+        out.args = (tuple(value),)
+        piece.recompile()
+        return False
+    out.args = ((value,),)
+    piece.recompile()
+    return True
+
+
+def lower(
+    gm: torch.fx.GraphModule,
+    example_inputs: list,
+    inner: Callable[[torch.fx.GraphModule, list], Callable],
+) -> Callable:
+    """Split ``gm`` at its leaves and compile the non-leaf pieces with ``inner``."""
+    part = leaf_partitions(gm)
+    if not any(leaf_call_of(n) is not None for n in gm.graph.nodes if n.op == "call_module"):
+        return inner(gm, example_inputs)
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, ex in zip(placeholders, example_inputs):
+        node.meta.setdefault("example_value", ex)
+
+    split = split_module(gm, None, lambda n: part[n], keep_original_order=True, keep_original_node_name=True)
+    leaf_pids = {pid for n, pid in part.items() if leaf_call_of(n) is not None or is_prefetch_node(n)}
+
+    for node in split.graph.nodes:
+        if node.op != "call_module" or not node.target.startswith("submod_"):
+            continue
+        pid = int(node.target.split("_")[-1])
+        piece = getattr(split, node.target)
+        if pid in leaf_pids:
+            continue  # run eagerly: prefetch_all, the leaf, its unpacking
+        inputs = []
+        for ph in (n for n in piece.graph.nodes if n.op == "placeholder"):
+            src = by_name.get(ph.name)
+            ex = _example(src) if src is not None else None
+            if ex is None:
+                raise AssertionError(f"leafpass: no example value for input {ph.name!r} of {node.target}")
+            inputs.append(ex)
+        single = _as_tuple_output(piece)
+        compiled = inner(piece, inputs)
+        setattr(split, node.target, _CompiledPiece(compiled, single))
+    split.recompile()
+    return split

@@ -1,0 +1,65 @@
+"""The ``torch.ops.leafpass.prefetch_all`` operator and the registry it resolves leaves in.
+
+``prefetch_all(params, leaf, leaf_id) -> ()`` gathers every parameter of one leaf
+before the leaf runs. ``leaf`` is the leaf's qualified name (for people and
+snapshots); ``leaf_id`` finds the module object in a weak registry, so the runtime
+receives the module itself.
+
+The op returns nothing, so compilers would delete it as dead code. It is
+registered as an ORDERED effect: functionalization and aot_autograd thread an
+effect token through it (``with_effects``), inductor keeps it, and no pass
+reorders it across another effectful op.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+from torch import nn
+
+from .runtime import runtime_for
+
+__all__ = ["prefetch_all", "register_leaf", "lookup_leaf"]
+
+_ids = itertools.count(1)
+_id_of: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+_module_of: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
+
+
+def register_leaf(module: nn.Module) -> int:
+    """A stable integer id for ``module`` (the same id every time it is asked)."""
+    leaf_id = _id_of.get(module)
+    if leaf_id is None:
+        leaf_id = next(_ids)
+        _id_of[module] = leaf_id
+        _module_of[leaf_id] = module
+    return leaf_id
+
+
+def lookup_leaf(leaf_id: int, leaf: str = "?") -> nn.Module:
+    module = _module_of.get(leaf_id)
+    if module is None:
+        raise RuntimeError(
+            f"leafpass: leaf {leaf!r} (id {leaf_id}) no longer exists; the compiled program "
+            f"outlived its model. Compile the model again (torch._dynamo.reset())."
+        )
+    return module
+
+
+@torch.library.custom_op("leafpass::prefetch_all", mutates_args=())
+def prefetch_all(params: list[torch.Tensor], leaf: str, leaf_id: int) -> None:
+    """Gather every parameter of leaf ``leaf`` through the runtime that owns them."""
+    module = lookup_leaf(leaf_id, leaf)
+    runtime_for(params).prefetch_all(module, list(params))
+
+
+@prefetch_all.register_fake
+def _prefetch_all_fake(params: list[torch.Tensor], leaf: str, leaf_id: int) -> None:
+    return None
+
+
+torch.library._register_effectful_op(
+    "leafpass::prefetch_all", torch._library.effects.EffectType.ORDERED
+)

@@ -1,0 +1,178 @@
+"""Turn each captured leaf call into a ``call_module`` of the leaf.
+
+Dynamo records a flagged leaf (see ``leafpass.capture``) as one opaque
+``invoke_leaf_function`` node whose flat inputs are the leaf's parameters,
+buffers and call arguments, and whose users index its flat outputs::
+
+    before                                          after
+    ------                                          -----
+    real_fn = get_attr[real_fn]                     moe1 = call_module[moe1](linear)
+    fake_fn = get_attr[fake_fn]                     getitem = moe1            # one tensor out
+    input_spec = get_attr[input_spec]
+    invoke = invoke_leaf_function(real_fn, fake_fn, input_spec, '', 0,
+                                  moe1.router.weight, ..., linear)
+    getitem = invoke[0]
+
+The ``call_module`` targets the leaf by its qualified name and calls the real
+module, so its hooks run and its parameters are the real ``nn.Parameter`` objects.
+Structured outputs (``(tensor, dict)``) are unpacked with ``getitem`` chains in
+place of the flat indexing. Each new node carries a :class:`LeafCall` in
+``meta["leafpass_leaf"]`` with the leaf's parameter nodes, for the next pass.
+
+Provides: ``leaf_call_modules`` (every leafpass leaf is a ``call_module``; no
+leafpass ``invoke_leaf_function`` remains).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from ..leaf_call import META_KEY, LeafCall, qualname_from_source
+
+__all__ = ["leaf_call_module_pass", "is_leafpass_leaf_node"]
+
+
+def _invoke_leaf_function():
+    return torch.ops.higher_order.invoke_leaf_function
+
+
+def _closure(fn) -> dict:
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    cells = getattr(fn, "__closure__", None) or ()
+    return {n: c.cell_contents for n, c in zip(names, cells)}
+
+
+def _unwrap_leaf_callable(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """(wrapped python function, captured output spec) of an invoke_leaf_function node."""
+    callable_node = node.args[0]
+    obj = getattr(gm, callable_node.target) if callable_node.op == "get_attr" else None
+    wrapper = getattr(obj, "_fn", None)
+    closure = _closure(wrapper)
+    spec_box = closure.get("captured_out_spec")
+    return closure.get("fn"), (spec_box[0] if spec_box else None)
+
+
+def is_leafpass_leaf_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not _invoke_leaf_function():
+        return False
+    from ..capture import run_leaf
+
+    fn, _ = _unwrap_leaf_callable(gm, node)
+    return fn is getattr(run_leaf, "_torchdynamo_leaf_real_fn", run_leaf)
+
+
+def _leaf_module_and_name(node: torch.fx.Node, state):
+    from torch._dynamo.graph_bytecode_inputs import get_external_object_by_index
+
+    module = get_external_object_by_index(state.nn_module_index)
+    stack = node.meta.get("nn_module_stack") or {}
+    path = None
+    for key, (source_name, _cls) in stack.items():
+        if key == str(id(module)):
+            path = source_name
+    if path is None and stack:
+        path = list(stack.values())[-1][0]
+    return module, qualname_from_source(path or type(module).__name__)
+
+
+def _emit_unflatten(graph: torch.fx.Graph, root: torch.fx.Node, spec) -> list[torch.fx.Node]:
+    """Nodes that pick each flat output out of ``root`` following ``spec``."""
+    n = spec.num_leaves
+    skeleton = pytree.tree_unflatten(list(range(n)), spec)
+    paths, _ = pytree.tree_flatten_with_path(skeleton)
+    cache: dict[tuple, torch.fx.Node] = {(): root}
+    flat: list[torch.fx.Node] = []
+    for path, _ in paths:
+        for depth in range(1, len(path) + 1):
+            prefix = tuple(path[:depth])
+            if prefix in cache:
+                continue
+            parent = cache[prefix[:-1]]
+            entry = prefix[-1]
+            if isinstance(entry, pytree.SequenceKey):
+                key = entry.idx
+            elif isinstance(entry, pytree.MappingKey):
+                key = entry.key
+            elif isinstance(entry, pytree.GetAttrKey):
+                cache[prefix] = graph.call_function(getattr, (parent, entry.name))
+                continue
+            else:
+                raise NotImplementedError(f"leafpass cannot unpack leaf output path entry {entry!r}")
+            cache[prefix] = graph.call_function(operator.getitem, (parent, key))
+        flat.append(cache[tuple(path)])
+    return flat
+
+
+def leaf_call_module_pass(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite every leafpass ``invoke_leaf_function`` node into ``call_module``."""
+    from torch._higher_order_ops.invoke_leaf_function import LeafModuleState
+
+    graph = gm.graph
+    calls_per_leaf: dict[str, int] = {}
+    for node in list(graph.nodes):
+        if not is_leafpass_leaf_node(gm, node):
+            continue
+        _fn, out_spec = _unwrap_leaf_callable(gm, node)
+        spec_node = node.args[2]
+        input_spec = getattr(gm, spec_node.target)
+        flat_args = list(node.args[4:])
+        (_outer_args, _outer_kwargs) = pytree.tree_unflatten(flat_args, input_spec)
+        state, call_args, call_kwargs = _outer_args
+        if not isinstance(state, LeafModuleState):
+            raise AssertionError(f"leafpass: unexpected leaf state {type(state).__name__}")
+        module, name = _leaf_module_and_name(node, state)
+        if out_spec is None:
+            raise AssertionError(f"leafpass: no output structure was captured for leaf {name!r}")
+
+        existing = _get_submodule_or_none(gm, name)
+        if existing is None:
+            gm.add_submodule(name, module)
+        elif existing is not module:
+            raise RuntimeError(
+                f"leafpass: two different modules are both called {name!r} in one graph; "
+                f"give them distinct attribute names"
+            )
+        call_no = calls_per_leaf.get(name, 0)
+        calls_per_leaf[name] = call_no + 1
+        params = list(dict.fromkeys(state.named_parameters.values()))
+
+        with graph.inserting_before(node):
+            call = graph.call_module(name, tuple(call_args), dict(call_kwargs))
+            call.meta[META_KEY] = LeafCall(name=name, module=module, params=params)
+            call.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+            flat_outs = _emit_unflatten(graph, call, out_spec)
+
+        example = node.meta.get("example_value")
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                idx = user.args[1]
+                user.replace_all_uses_with(flat_outs[idx])
+                if "example_value" in user.meta:
+                    flat_outs[idx].meta.setdefault("example_value", user.meta["example_value"])
+                graph.erase_node(user)
+            else:
+                raise AssertionError(f"leafpass: unexpected use {user.format_node()} of leaf {name!r}")
+        if isinstance(example, (tuple, list)) and len(flat_outs) == len(example):
+            for out, ev in zip(flat_outs, example):
+                out.meta.setdefault("example_value", ev)
+        attrs = [a for a in node.args[:3] if isinstance(a, torch.fx.Node)]
+        graph.erase_node(node)
+        for attr in attrs:
+            if not attr.users:
+                graph.erase_node(attr)
+                if hasattr(gm, attr.target):
+                    delattr(gm, attr.target)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _get_submodule_or_none(gm: torch.fx.GraphModule, name: str):
+    try:
+        return gm.get_submodule(name)
+    except AttributeError:
+        return None
