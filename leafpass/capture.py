@@ -36,17 +36,75 @@ from . import shape_inference
 __all__ = ["install", "installed", "run_leaf", "is_leafpass_backend"]
 
 _original_call = None
+_original_call_no_dynamo = None
 _local = threading.local()
 
 
 def _leafpass_module_call(self: nn.Module, *args, **kwargs):
-    if (
-        torch.compiler.is_compiling()
-        and _tracing_for_leafpass()
-        and getattr(self, "_z3_leaf", False)
-    ):
-        return run_leaf(self, args, kwargs)
+    if torch.compiler.is_compiling():
+        if _tracing_for_leafpass() and getattr(self, "_z3_leaf", False):
+            return run_leaf(self, args, kwargs)
+        return _original_call(self, *args, **kwargs)
+    if _flagged_fast(self) and _eager_inside_leafpass_frame():
+        return _run_uncaptured_leaf(self, args, kwargs)
     return _original_call(self, *args, **kwargs)
+
+
+def _flagged_fast(module: nn.Module) -> bool:
+    # Eager hot path: a dict lookup instead of getattr, whose miss goes through
+    # nn.Module.__getattr__ and an exception.
+    flags = module.__dict__
+    if "_z3_leaf" in flags:
+        return bool(flags["_z3_leaf"])
+    return bool(getattr(type(module), "_z3_leaf", False))
+
+
+_callback_is_leafpass: dict[int, tuple[object, bool]] = {}
+
+
+def _eager_inside_leafpass_frame() -> bool:
+    """True while Python runs eagerly inside a frame that Dynamo compiles for z3leaf.
+
+    That is where a flagged module is called when the frame was compiled before the flag
+    was set and with a graph break at the call: Dynamo then keeps no guard on the flag.
+    Inside leafpass's lowered program (leaf pieces) Dynamo's callback is off, so this is
+    False there.
+    """
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+    callback = get_eval_frame_callback()
+    if callback is None or callback is False:
+        return False
+    cached = _callback_is_leafpass.get(id(callback))
+    if cached is None or cached[0] is not callback:
+        # keep the callback alive with its answer, so its id cannot be reused meanwhile
+        cached = _callback_is_leafpass[id(callback)] = (callback, is_leafpass_backend(callback))
+    return cached[1]
+
+
+_warned_uncaptured: set[int] = set()
+
+
+def _run_uncaptured_leaf(module: nn.Module, args, kwargs):
+    """Follow the flag where the compiled caller could not: prefetch, then run the leaf
+    eagerly with Dynamo off, exactly as the lowered program runs a leaf piece."""
+    from .runtime import runtime_for
+
+    if id(type(module)) not in _warned_uncaptured:
+        _warned_uncaptured.add(id(type(module)))
+        import warnings
+
+        warnings.warn(
+            f"leafpass: a {type(module).__name__} leaf was flagged after the code calling it was "
+            f"compiled with a graph break at that call, so Dynamo kept no guard on its flag. It "
+            f"runs as an eager leaf (gathered whole, correct), but its caller stays split; call "
+            f"torch._dynamo.reset() to compile it into one graph again.",
+            stacklevel=3,
+        )
+    params = list(module.parameters())
+    if params:
+        runtime_for(params).prefetch_all(module, params)
+    return _original_call_no_dynamo(module, *args, **kwargs)
 
 
 def is_leafpass_backend(compiler_fn) -> bool:
@@ -102,7 +160,9 @@ def install() -> None:
     global _original_call
     if _original_call is not None:
         return
+    global _original_call_no_dynamo
     _original_call = nn.Module.__call__
+    _original_call_no_dynamo = torch._dynamo.disable(_original_call, recursive=True)
     nn.Module.__call__ = _leafpass_module_call
     # Dynamo still inlines the wrapper while tracing a frame, but never compiles it as a
     # frame of its own: its one code object serves every module, so frames of it (after a
