@@ -26,6 +26,7 @@ from torch.fx.passes.split_module import split_module
 
 from .leaf_call import leaf_call_of
 from .passes.insert_prefetch import is_prefetch_node
+from .schedule_check import check_same_schedule_once, leaf_schedule
 
 __all__ = ["lower", "leaf_partitions"]
 
@@ -105,9 +106,10 @@ def lower(
     inner: Callable[[torch.fx.GraphModule, list], Callable],
 ) -> Callable:
     """Split ``gm`` at its leaves and compile the non-leaf pieces with ``inner``."""
-    part = leaf_partitions(gm)
+    schedule = leaf_schedule(gm)
     if not any(leaf_call_of(n) is not None for n in gm.graph.nodes if n.op == "call_module"):
-        return inner(gm, example_inputs)
+        return _CheckedProgram(inner(gm, example_inputs), schedule)
+    part = leaf_partitions(gm)
 
     by_name = {n.name: n for n in gm.graph.nodes}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -135,4 +137,19 @@ def lower(
         compiled = inner(piece, inputs)
         setattr(split, node.target, _CompiledPiece(compiled, single))
     split.recompile()
-    return split
+    return _CheckedProgram(split, schedule)
+
+
+class _CheckedProgram:
+    """The lowered program; its first call checks that all ranks compiled the same leaves."""
+
+    def __init__(self, fn: Callable, schedule: list[tuple[str, int]]) -> None:
+        self.fn = fn
+        self.schedule = schedule
+        self.checked = False
+
+    def __call__(self, *args):
+        if not self.checked:
+            check_same_schedule_once(self.schedule)
+            self.checked = True
+        return self.fn(*args)

@@ -1,0 +1,82 @@
+"""Check once, across ranks, that every rank compiled the same leaf schedule.
+
+Ranks that disagree about which modules are leaves, or prefetch them in another
+order, would issue different collectives and abort (gloo: size mismatch) or hang.
+Before the first compiled step that prefetches anything, every rank shares its
+schedule, a list of ``(leaf, parameter count)`` in prefetch order; ranks compare a
+fingerprint with one all-reduce (min and max of a hash) and only on a mismatch gather
+the schedules to name the leaves that differ. The error is raised on every rank.
+
+It runs once per process: later graphs (recompiles may happen on one rank only)
+issue no extra collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+import torch.fx
+
+from .leaf_call import leaf_call_of
+
+__all__ = ["LeafScheduleMismatch", "leaf_schedule", "check_same_schedule_once"]
+
+_checked = False
+
+
+class LeafScheduleMismatch(RuntimeError):
+    """Ranks compiled different leaf schedules."""
+
+
+def leaf_schedule(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
+    """``(leaf qualified name, parameter count)`` of every prefetched leaf call, in order."""
+    return [
+        (call.name, len(call.params))
+        for node in gm.graph.nodes
+        if node.op == "call_module" and (call := leaf_call_of(node)) is not None and call.params
+    ]
+
+
+def _fingerprint(schedule) -> int:
+    digest = hashlib.sha256(repr(schedule).encode()).digest()
+    return int.from_bytes(digest[:7], "little")  # fits in int64
+
+
+def _differing(schedules: list[list[tuple[str, int]]]) -> list[str]:
+    longest = max(len(s) for s in schedules)
+    names = []
+    for i in range(longest):
+        at_i = {tuple(s[i]) if i < len(s) else None for s in schedules}
+        if len(at_i) > 1:
+            names.extend(sorted({entry[0] for entry in at_i if entry is not None}))
+    return list(dict.fromkeys(names))
+
+
+def check_same_schedule_once(schedule: list[tuple[str, int]]) -> None:
+    """On the first call in a process with world size > 1: raise on every rank if ranks differ."""
+    global _checked
+    if _checked or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    _checked = True
+    device = torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
+    fp = torch.tensor([_fingerprint(schedule), -_fingerprint(schedule)], dtype=torch.int64, device=device)
+    dist.all_reduce(fp, op=dist.ReduceOp.MIN)
+    if int(fp[0]) == -int(fp[1]):
+        return
+    schedules: list = [None] * dist.get_world_size()
+    dist.all_gather_object(schedules, schedule)
+    lines = "; ".join(
+        f"rank {r}: " + (", ".join(f"{name}({n})" for name, n in s) or "no leaves") for r, s in enumerate(schedules)
+    )
+    raise LeafScheduleMismatch(
+        f"leafpass: ranks compiled different leaf schedules (leaf(parameter count) in prefetch "
+        f"order) -- {lines}. Leaves that differ: {', '.join(_differing(schedules)) or '(order only)'}. "
+        f"Flag the same modules on every rank, before deepspeed.initialize and torch.compile."
+    )
+
+
+def reset_for_tests() -> None:
+    global _checked
+    _checked = False
