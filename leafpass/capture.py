@@ -95,10 +95,13 @@ def _run_uncaptured_leaf(module: nn.Module, args, kwargs):
         import warnings
 
         warnings.warn(
-            f"leafpass: a {type(module).__name__} leaf was flagged after the code calling it was "
-            f"compiled with a graph break at that call, so Dynamo kept no guard on its flag. It "
-            f"runs as an eager leaf (gathered whole, correct), but its caller stays split; call "
-            f"torch._dynamo.reset() to compile it into one graph again.",
+            f"leafpass: a flagged {type(module).__name__} leaf was called from code that runs "
+            f"eagerly inside a z3leaf-compiled frame: either it was flagged after its caller was "
+            f"compiled with a graph break at that call (Dynamo then keeps no guard on the flag), "
+            f"or its caller could not be compiled (a graph break in a loop, say). It runs as an "
+            f"eager leaf, gathered whole and correct, but its caller stays split. If you changed "
+            f"the flag after compiling, torch._dynamo.reset() compiles it into one graph again; "
+            f"`python -m leafpass explain` shows the caller's graph breaks.",
             stacklevel=3,
         )
     params = list(module.parameters())
@@ -170,6 +173,7 @@ def install() -> None:
     from torch._dynamo.eval_frame import skip_code
 
     skip_code(_leafpass_module_call.__code__)
+    skip_code(_run_uncaptured_leaf.__code__)
 
 
 def installed() -> bool:

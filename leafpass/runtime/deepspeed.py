@@ -1,0 +1,300 @@
+"""The DeepSpeed ZeRO-3 runtime: gather a leaf's partitioned parameters in one collective.
+
+The compiled program calls ``prefetch_all(leaf, params)`` right before each leaf module's
+call; the leaf then runs eagerly through ``leaf(*args)``, so DeepSpeed's own hooks on it
+still run. :meth:`DeepSpeedRuntime.prefetch_all` issues the gather the way DeepSpeed's
+parameter coordinator would issue it at the leaf's entry: through the coordinator that
+owns the leaf, as ONE coalesced all-gather of every partitioned parameter of the leaf's
+subtree, counted in the coordinator's live-parameter total and registered as in flight;
+it then waits for it, so the parameters are AVAILABLE when the leaf is called.
+DeepSpeed's pre-forward hook on the leaf then finds nothing to fetch (no second
+all-gather), marks the parameters as used by the leaf and keeps its trace bookkeeping as
+usual, and its post-forward hook releases them exactly as in eager ZeRO-3. Backward is
+untouched: DeepSpeed's pre-backward hook re-gathers the leaf if it was released.
+
+DeepSpeed exposes none of this publicly. Every private DeepSpeed name leafpass uses is
+reached through this module only, behind :func:`check_deepspeed_version`, and each use
+names the DeepSpeed source it relies on. Importing this module does not import
+DeepSpeed, and nothing here builds a DeepSpeed op.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .deepspeed_probe import CollectiveCounter, CollectiveEvent, count_collectives
+
+__all__ = [
+    "SUPPORTED_DEEPSPEED",
+    "CollectiveCounter",
+    "CollectiveEvent",
+    "DeepSpeedRuntime",
+    "attach_deepspeed_comm",
+    "check_deepspeed_version",
+    "count_collectives",
+    "deepspeed_runtime",
+    "skip_cpu_shm_comm_build",
+]
+
+# The private DeepSpeed APIs below were read and tested in 0.19.8.
+SUPPORTED_DEEPSPEED = ((0, 19, 0), (0, 20, 0))  # [min, max)
+_SUPPORTED_TEXT = ">=0.19.0,<0.20.0"
+
+
+def check_deepspeed_version() -> str:
+    """Import DeepSpeed and return its version; raise if leafpass does not support it."""
+    import deepspeed
+
+    version = getattr(deepspeed, "__version__", "unknown")
+    match = re.match(r"^(\d+)\.(\d+)\.(\d+)", str(version))
+    parsed = tuple(int(x) for x in match.groups()) if match else None
+    low, high = SUPPORTED_DEEPSPEED
+    if parsed is None or not (low <= parsed < high):
+        raise RuntimeError(
+            f"leafpass's DeepSpeed runtime relies on private parts of DeepSpeed ZeRO-3 that it "
+            f"supports for deepspeed {_SUPPORTED_TEXT} (tested with 0.19.8); found deepspeed "
+            f"{version}. Install a supported version (pip install 'deepspeed{_SUPPORTED_TEXT}')."
+        )
+    return str(version)
+
+
+def _zero_param_status():
+    # deepspeed/runtime/zero/partition_parameters.py: ZeroParamStatus
+    # (AVAILABLE / NOT_AVAILABLE / INFLIGHT), carried by each ZeRO-3 parameter as ds_status.
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return ZeroParamStatus
+
+
+def _offload_for(leaf: nn.Module):
+    """The ``DeepSpeedZeRoOffload`` whose hooks manage ``leaf``, or None.
+
+    Relies on deepspeed/runtime/zero/parameter_offload.py (0.19.x):
+    ``DeepSpeedZeRoOffload._register_deepspeed_module`` registers on every module, down to
+    and including leaf modules, a forward pre-hook ``_pre_forward_module_hook`` (wrapped by
+    ``torch.compiler.disable``) that closes over ``self``, the offload object whose
+    ``get_param_coordinator()`` returns the coordinator fetching for that module. No public
+    API links a module to it, and the hook is what DeepSpeed itself will call next.
+    """
+    for hook in leaf._forward_pre_hooks.values():
+        fn = _find_function(hook, "_pre_forward_module_hook")
+        if fn is None:
+            continue
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            if name == "self":
+                owner = cell.cell_contents
+                if callable(getattr(owner, "get_param_coordinator", None)):
+                    return owner
+    return None
+
+
+def _find_function(obj, name: str, depth: int = 3):
+    """``obj`` or a function it wraps (``__wrapped__`` or a closure cell) whose code is ``name``."""
+    seen: set[int] = set()
+    frontier = [obj]
+    for _ in range(depth + 1):
+        nxt = []
+        for fn in frontier:
+            if id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            code = getattr(fn, "__code__", None)
+            if code is not None and code.co_name == name:
+                return fn
+            wrapped = getattr(fn, "__wrapped__", None)
+            if wrapped is not None:
+                nxt.append(wrapped)
+            for cell in getattr(fn, "__closure__", None) or ():
+                try:
+                    content = cell.cell_contents
+                except ValueError:  # empty cell
+                    continue
+                if callable(content):
+                    nxt.append(content)
+        frontier = nxt
+    return None
+
+
+def _coordinator_private(coordinator, name: str):
+    # deepspeed/runtime/zero/partitioned_param_coordinator.py (0.19.x):
+    # PartitionedParameterCoordinator keeps these as double-underscore (name-mangled) members.
+    mangled = f"_PartitionedParameterCoordinator__{name}"
+    try:
+        return getattr(coordinator, mangled)
+    except AttributeError:
+        raise RuntimeError(
+            f"DeepSpeed's PartitionedParameterCoordinator has no {name!r} here; leafpass relies on "
+            f"deepspeed {_SUPPORTED_TEXT}. Found deepspeed {check_deepspeed_version()}."
+        ) from None
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    # deepspeed/utils/z3_leaf_module.py: the leaf flag is module._z3_leaf.
+    return bool(getattr(module, "_z3_leaf", False))
+
+
+class DeepSpeedRuntime:
+    """Gathers a ZeRO-3 leaf's parameters in one coalesced all-gather before its call.
+
+    The leaf should be flagged (``_z3_leaf``) before ``deepspeed.initialize``, as DeepSpeed
+    itself requires: DeepSpeed reads the flag when it installs its hooks. A module
+    DeepSpeed does not treat as a leaf still works (its submodules' hooks find their
+    parameters gathered and release them after their own calls), but DeepSpeed will then
+    fetch per submodule in backward.
+    """
+
+    name = "deepspeed"
+
+    def __init__(self) -> None:
+        self.version = check_deepspeed_version()
+
+    def logical_shape(self, param: torch.Tensor) -> torch.Size:
+        # deepspeed/runtime/zero/partition_parameters.py: a ZeRO-3 parameter keeps its full
+        # shape in ds_shape while its data is an empty placeholder.
+        ds_shape = getattr(param, "ds_shape", None)
+        return torch.Size(ds_shape) if ds_shape is not None else param.shape
+
+    @torch.no_grad()
+    def prefetch_all(self, leaf: nn.Module, params: list[nn.Parameter]) -> None:
+        """Gather every partitioned ZeRO-3 parameter of ``leaf`` in one coalesced all-gather.
+
+        ``params`` is every parameter of the leaf's subtree; the parameters DeepSpeed
+        attaches to the leaf as external ones are added, so that DeepSpeed's pre-forward
+        hook has nothing left to fetch. Parameters already AVAILABLE or in flight (DeepSpeed's
+        trace-based prefetch may have started them) are not gathered again; DeepSpeed's hook
+        waits for those in flight. Returns once the gathered parameters are AVAILABLE.
+
+        "One" is DeepSpeed's own unit: ``all_gather_coalesced`` issues one flat all-gather
+        per communication dtype and partition group (and per hpZ secondary-tensor group),
+        so one for a leaf whose parameters share a dtype, as in eager ZeRO-3.
+        """
+        status = _zero_param_status()
+        wanted = _dedupe(p for p in _with_external(leaf, params) if hasattr(p, "ds_id"))
+        missing = [p for p in wanted if p.ds_status == status.NOT_AVAILABLE]
+        if not missing:
+            return
+        owner = _offload_for(leaf)
+        if owner is None:
+            raise RuntimeError(
+                f"leafpass: {type(leaf).__name__} holds partitioned ZeRO-3 parameters but carries no "
+                "DeepSpeed forward hook, so nothing would release them after the call. Pass the "
+                "model that contains it to deepspeed.initialize before compiling, and flag the leaf "
+                "with deepspeed.utils.set_z3_leaf_modules before deepspeed.initialize."
+            )
+        coordinator = owner.get_param_coordinator()
+        # partitioned_param_coordinator.py, PartitionedParameterCoordinator.__all_gather_params:
+        # what fetch_sub_module calls for a module's NOT_AVAILABLE parameters. It adds their
+        # numel to the live-parameter count that release later subtracts, issues one
+        # param.all_gather_coalesced(...) per group (parameters with / without an hpZ
+        # secondary tensor) and records each handle in the in-flight registry.
+        gather = _coordinator_private(coordinator, "all_gather_params")
+        registry = _coordinator_private(coordinator, "inflight_param_registry")
+        stream = _coordinator_private(coordinator, "allgather_stream")
+        gather(set(missing), True)
+
+        # Wait as fetch_sub_module does for in-flight parameters: pop the handle from the
+        # registry and wait in the all-gather stream (a no-op context on CPU), then order
+        # the compute stream after it. handle.wait() sets ds_status AVAILABLE; a coalesced
+        # handle shared by several parameters completes once.
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        fast_fetch = bool(getattr(coordinator, "fast_sharding_for_leaf_module", False)) and _is_leaf(leaf)
+        with accelerator.stream(stream):
+            for p in missing:
+                handle = registry.pop(p, None)
+                if handle is not None:
+                    handle.wait(handle_dependency=not fast_fetch)
+        if not accelerator.resolves_data_dependency():
+            accelerator.current_stream().wait_stream(stream)
+        not_ready = [p for p in missing if p.ds_status != status.AVAILABLE]
+        if not_ready:
+            raise RuntimeError(f"leafpass: after the all-gather {len(not_ready)} parameter(s) of "
+                               f"{type(leaf).__name__} are not AVAILABLE: {not_ready[0].ds_summary()}")
+
+    def __repr__(self) -> str:
+        return f"DeepSpeedRuntime(deepspeed {self.version})"
+
+
+def _with_external(leaf: nn.Module, params: Iterable[nn.Parameter]) -> Iterable[nn.Parameter]:
+    yield from params
+    # deepspeed/runtime/zero/partition_parameters.py: ds_external_parameters() lists the
+    # parameters registered on a module as used by it though owned elsewhere; DeepSpeed's
+    # fetch for a leaf gathers them too (partitioned_param_coordinator.iter_params).
+    external = getattr(leaf, "ds_external_parameters", None)
+    if callable(external):
+        for _name, p in external():
+            yield p
+
+
+def _dedupe(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+_runtime: DeepSpeedRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def deepspeed_runtime() -> DeepSpeedRuntime:
+    """The process-wide :class:`DeepSpeedRuntime` (checks the DeepSpeed version on first use)."""
+    global _runtime
+    if _runtime is None:
+        with _runtime_lock:
+            if _runtime is None:
+                _runtime = DeepSpeedRuntime()
+    return _runtime
+
+
+# ---------------------------------------------------------------- CPU setup (tests, benchmarks)
+
+_SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory comm op (75-112 s on 2 cores).
+
+    Relies on deepspeed/comm/torch.py (0.19.x): ``TorchBackend.__init__`` calls
+    ``build_shm_op()``, which loads (JIT-building on first use) the ``ShareMemCommBuilder``
+    op only when ``deepspeed.ops.__compatible_ops__`` marks it compatible; that dict is
+    probed once and cached in deepspeed/ops/__init__.py, so marking the op incompatible
+    before the backend is built makes DeepSpeed fall back to plain torch.distributed
+    collectives (the op only speeds up inference all-reduce; training never needs it).
+    """
+    check_deepspeed_version()
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    name = getattr(builder, "NAME", _SHM_COMM_OP) if builder is not None else _SHM_COMM_OP
+    deepspeed.ops.__compatible_ops__[name] = False
+
+
+def attach_deepspeed_comm() -> None:
+    """Attach ``deepspeed.comm`` to the ``torch.distributed`` group this process already joined.
+
+    Call after ``torch.distributed.init_process_group``; ``deepspeed.initialize`` then finds
+    its communication backend ready and builds nothing. The CPU shared-memory op is skipped
+    (:func:`skip_cpu_shm_comm_build`). Relies on deepspeed/comm/comm.py (0.19.x):
+    ``init_distributed`` wraps an initialised torch.distributed in a ``TorchBackend``.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("attach_deepspeed_comm() needs torch.distributed.init_process_group() first")
+    skip_cpu_shm_comm_build()
+    import deepspeed.comm as ds_comm
+
+    if ds_comm.is_initialized():
+        return
+    ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)

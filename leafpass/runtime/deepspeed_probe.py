@@ -1,0 +1,195 @@
+"""Count the collectives a process issues: how leafpass checks "one all-gather per leaf".
+
+:func:`count_collectives` wraps the collective methods of
+``torch.distributed.ProcessGroup`` while it is active. Every ``torch.distributed``
+function and every DeepSpeed communication path ends in one of these methods, whatever
+Python wrapper led there; this matters because DeepSpeed's ``TorchBackend`` keeps its own
+reference to ``torch.distributed.all_gather_into_tensor`` from the moment it is built, so
+wrapping the module-level functions would miss its calls.
+
+What DeepSpeed 0.19.8's ZeRO-3 issues on CPU/gloo (read from
+``deepspeed/runtime/zero/partition_parameters.py``, ``deepspeed/comm/torch.py`` and
+``deepspeed/runtime/comm/coalesced_collectives.py``):
+
+* parameter gathers: ``param.all_gather_coalesced(params)`` concatenates the local shards of
+  all the parameters into one flat buffer and issues ONE ``all_gather_into_tensor``
+  (``ProcessGroup.all_gather_single``) per communication dtype; a single parameter, or
+  ``allgather_sequential``, takes one call per parameter;
+* gradient reduction: ``reduce_scatter_coalesced`` issues one ``reduce_scatter_tensor``
+  (``ProcessGroup.reduce_scatter_single``) per bucket;
+* ``all_reduce`` for overflow checks and norms, and ``all_gather`` of small integer lists
+  (``assert_ints_same_as_other_ranks``) while it records its trace in the first steps.
+
+Counting rule: one call of a collective method of a process group is one collective, of the
+kind its method names (``all_gather``, ``reduce_scatter``, ``all_reduce``, ...). So a
+coalesced gather of N parameters issued as one flat ``all_gather_into_tensor`` counts as ONE
+all-gather, and so does a batch issued through ``torch.distributed._coalescing_manager``
+(it reaches the process group as one ``*_coalesced`` call); N separate per-parameter gathers
+count N. Only calls made by this process while the counter is active are counted, from any
+thread (autograd may run backward hooks on its own threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["CollectiveCounter", "CollectiveEvent", "count_collectives"]
+
+# ProcessGroup method -> kind. Methods a torch build lacks are skipped.
+_METHOD_KINDS = {
+    "all_gather_single": "all_gather",
+    "all_gather_single_coalesced": "all_gather",
+    "allgather": "all_gather",
+    "allgather_coalesced": "all_gather",
+    "allgather_into_tensor_coalesced": "all_gather",
+    "_allgather_base": "all_gather",
+    "reduce_scatter": "reduce_scatter",
+    "reduce_scatter_single": "reduce_scatter",
+    "reduce_scatter_single_coalesced": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter",
+    "_reduce_scatter_base": "reduce_scatter",
+    "allreduce": "all_reduce",
+    "allreduce_coalesced": "all_reduce",
+    "broadcast": "broadcast",
+    "reduce": "reduce",
+    "alltoall": "all_to_all",
+    "alltoall_base": "all_to_all",
+    "all_to_all_single": "all_to_all",
+    "gather": "gather",
+    "scatter": "scatter",
+    "barrier": "barrier",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveEvent:
+    kind: str  # "all_gather", "reduce_scatter", "all_reduce", ...
+    method: str  # the ProcessGroup method called
+    numel: int  # elements in its first tensor argument (the output for gathers), 0 if none
+
+
+class CollectiveCounter:
+    """What :func:`count_collectives` saw. ``counts[kind]`` and ``events`` grow as calls happen."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.events: list[CollectiveEvent] = []
+        self._lock = threading.Lock()
+
+    def _record(self, event: CollectiveEvent) -> None:
+        with self._lock:
+            self.counts[event.kind] += 1
+            self.events.append(event)
+
+    @property
+    def all_gather(self) -> int:
+        return self.counts["all_gather"]
+
+    @property
+    def reduce_scatter(self) -> int:
+        return self.counts["reduce_scatter"]
+
+    @property
+    def all_reduce(self) -> int:
+        return self.counts["all_reduce"]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts so far; subtract two snapshots with :meth:`delta` to count a span."""
+        with self._lock:
+            return dict(self.counts)
+
+    @staticmethod
+    def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        """Per-kind counts issued between two :meth:`snapshot` calls (kinds with none left out)."""
+        diff = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)}
+        return {k: n for k, n in diff.items() if n}
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts.clear()
+            self.events.clear()
+
+    def __repr__(self) -> str:
+        return f"CollectiveCounter({dict(self.counts)})"
+
+
+_install_lock = threading.Lock()
+_active: list[CollectiveCounter] = []
+_originals: dict[str, Any] = {}
+
+
+def _numel(args: tuple) -> int:
+    first = args[0] if args else None
+    if isinstance(first, (list, tuple)):
+        return sum(_numel((t,)) for t in first)
+    numel = getattr(first, "numel", None)
+    return int(numel()) if callable(numel) else 0
+
+
+def _wrap(method: str, kind: str, raw: Any):
+    @functools.wraps(raw)
+    def counted(self, *args, **kwargs):
+        event = CollectiveEvent(kind, method, _numel(args))
+        for counter in tuple(_active):
+            counter._record(event)
+        return raw.__get__(self, type(self))(*args, **kwargs)
+
+    return counted
+
+
+def _install() -> None:
+    from torch.distributed import ProcessGroup
+
+    for method, kind in _METHOD_KINDS.items():
+        raw = ProcessGroup.__dict__.get(method)
+        if raw is None:
+            continue
+        _originals[method] = raw
+        setattr(ProcessGroup, method, _wrap(method, kind, raw))
+
+
+def _uninstall() -> None:
+    from torch.distributed import ProcessGroup
+
+    for method, raw in _originals.items():
+        setattr(ProcessGroup, method, raw)
+    _originals.clear()
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[CollectiveCounter]:
+    """Count the collectives this process issues inside the ``with`` block.
+
+    Counters may nest; each one counts every call made while it is active. See the
+    module docstring for the counting rule::
+
+        with count_collectives() as c:
+            loss = engine(x).sum()
+        assert c.all_gather == 2
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("count_collectives() needs a torch build with torch.distributed")
+    counter = CollectiveCounter()
+    with _install_lock:
+        if not _active:
+            _install()
+        _active.append(counter)
+    try:
+        yield counter
+    finally:
+        with _install_lock:
+            _active.remove(counter)
+            if not _active:
+                _uninstall()

@@ -1,0 +1,1 @@
+"""Tests that spawn several processes running real DeepSpeed ZeRO-3 over gloo on CPU."""

@@ -1,0 +1,15 @@
+"""Make the repository importable in this process and in the ranks it spawns.
+
+Spawned ranks start from a copy of this process's ``sys.path``, so putting the repository
+root on it here lets them import ``leafpass`` and the test modules even when
+pytest is run without ``PYTHONPATH``.
+"""
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
