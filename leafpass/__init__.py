@@ -29,6 +29,7 @@ from .flags import (
 from .format import format_graph
 from .record import GraphRecorder, record_graphs
 from .runtime import NullRuntime, PrefetchRuntime, use_runtime
+from .schedule_check import LeafScheduleMismatch, leaf_schedule
 from .shape_inference import LeafShapeError
 
 _capture.install()
@@ -38,12 +39,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_LEAF_MODULE_CLASSES",
     "GraphRecorder",
+    "LeafScheduleMismatch",
     "LeafShapeError",
     "NullRuntime",
     "PrefetchRuntime",
     "apply_leaf_module_config",
     "format_graph",
     "get_z3_leaf_modules",
+    "leaf_schedule",
     "make_backend",
     "record_graphs",
     "set_z3_leaf_module",

@@ -24,6 +24,8 @@ __all__ = [
     "ManyTinyBlock",
     "ManyTinyModel",
     "MoEBlock",
+    "MoELayer",
+    "MoEStack",
     "TinyAffine",
     "TwoMoE",
     "divergent_routing_batches",
@@ -91,6 +93,42 @@ class TwoMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.moe2(self.mid(self.moe1(self.inp(x))))
+
+
+class MoELayer(nn.Module):
+    """A pre-norm residual layer: ``x + MoEBlock(LayerNorm(x))`` then ``x + MLP(LayerNorm(x))``."""
+
+    def __init__(self, d: int, n_experts: int, top_k: int, hidden: int | None = None) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.moe = MoEBlock(d, n_experts, top_k, hidden)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = ExpertMLP(d, hidden or 2 * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.moe(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MoEStack(nn.Module):
+    """``Linear -> n_layers x MoELayer -> LayerNorm -> Linear``: the demo's and benchmark's model.
+
+    Flag :class:`MoEBlock` as the leaf class; everything else (norms, dense MLPs,
+    projections) is ordinary, hooked module by module under ZeRO-3.
+    """
+
+    def __init__(self, d: int = 64, n_layers: int = 2, n_experts: int = 8, top_k: int = 2, hidden: int | None = None) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.layers = nn.ModuleList(MoELayer(d, n_experts, top_k, hidden) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(self.norm(x))
 
 
 class TinyAffine(nn.Module):
