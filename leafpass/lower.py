@@ -26,6 +26,7 @@ from torch.fx.passes.split_module import split_module
 
 from .leaf_call import leaf_call_of
 from .passes.insert_prefetch import is_prefetch_node
+from .shape_inference import LeafShapeError
 from .schedule_check import check_same_schedule_once, leaf_schedule
 
 __all__ = ["lower", "leaf_partitions"]
@@ -112,9 +113,6 @@ def lower(
     part = leaf_partitions(gm)
 
     by_name = {n.name: n for n in gm.graph.nodes}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, ex in zip(placeholders, example_inputs):
-        node.meta.setdefault("example_value", ex)
 
     split = split_module(gm, None, lambda n: part[n], keep_original_order=True, keep_original_node_name=True)
     leaf_pids = {pid for n, pid in part.items() if leaf_call_of(n) is not None or is_prefetch_node(n)}
@@ -124,8 +122,9 @@ def lower(
             continue
         pid = int(node.target.split("_")[-1])
         piece = getattr(split, node.target)
-        if pid in leaf_pids:
-            continue  # run eagerly: prefetch_all, the leaf, its unpacking
+        if pid in leaf_pids:  # run eagerly: prefetch_all, the leaf, its unpacking
+            setattr(split, node.target, _LeafPiece(piece, _expected_outputs(piece, by_name)))
+            continue
         inputs = []
         for ph in (n for n in piece.graph.nodes if n.op == "placeholder"):
             src = by_name.get(ph.name)
@@ -138,6 +137,43 @@ def lower(
         setattr(split, node.target, _CompiledPiece(compiled, single))
     split.recompile()
     return _CheckedProgram(split, schedule)
+
+
+def _expected_outputs(piece: torch.fx.GraphModule, by_name) -> list:
+    out = next(n for n in reversed(piece.graph.nodes) if n.op == "output")
+    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    return [_example(by_name[v.name]) if isinstance(v, torch.fx.Node) and v.name in by_name else None for v in values]
+
+
+class _LeafPiece(torch.nn.Module):
+    """Runs a leaf piece eagerly and checks its outputs against what was compiled for.
+
+    The pieces after a leaf were compiled for the output sizes inferred at compile time.
+    A leaf whose output *sizes* depend on its input *values* breaks that contract; it is
+    caught here, with the leaf named, instead of feeding a compiled piece wrong sizes.
+    """
+
+    def __init__(self, piece: torch.fx.GraphModule, expected: list) -> None:
+        super().__init__()
+        self.piece = piece
+        self.expected = expected
+        self.leaves = [n.target for n in piece.graph.nodes if n.op == "call_module"]
+
+    def forward(self, *args):
+        out = self.piece(*args)
+        values = out if isinstance(out, tuple) else (out,)
+        for got, want in zip(values, self.expected):
+            if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor):
+                if got.dim() != want.dim() or got.dtype != want.dtype or any(
+                    isinstance(w, int) and g != w for g, w in zip(got.shape, want.shape)
+                ):
+                    raise LeafShapeError(
+                        f"leafpass: leaf {', '.join(self.leaves)!s} returned a {got.dtype} tensor of shape "
+                        f"{tuple(got.shape)} where {want.dtype} of shape {tuple(want.shape)} was inferred at "
+                        f"compile time. A leaf's output shapes must follow from its input shapes, not "
+                        f"its input values; unflag it (module._z3_leaf = False) or pad its output."
+                    )
+        return out
 
 
 class _CheckedProgram:

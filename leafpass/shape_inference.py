@@ -138,6 +138,18 @@ def _run_on_zeros(module, args, kwargs, fake_mode):
     return pytree.tree_map(to_fake, out)
 
 
+def _refuse_value_dependent_sizes(module: nn.Module, out) -> None:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    for t in pytree.tree_leaves(out):
+        if isinstance(t, torch.Tensor) and free_unbacked_symbols(t):
+            raise LeafShapeError(
+                f"leafpass: leaf {type(module).__name__} returns a tensor whose size depends on its "
+                f"input values (shape {tuple(t.shape)}). Compiled code after a leaf needs sizes that "
+                f"follow from input sizes; unflag it (module._z3_leaf = False) or pad its output."
+            )
+
+
 def infer_leaf_outputs(module: nn.Module, args: tuple, kwargs: dict):
     """Fake outputs of ``module(*args, **kwargs)``; called by Dynamo with fake inputs."""
     fake_mode = detect_fake_mode((args, kwargs)) or detect_fake_mode()
@@ -149,7 +161,11 @@ def infer_leaf_outputs(module: nn.Module, args: tuple, kwargs: dict):
     ignore = shape_env.ignore_fresh_unbacked_symbols() if shape_env else contextlib.nullcontext()
     try:
         with reparam, ignore:
-            return _forward(module, args, kwargs)
+            out = _forward(module, args, kwargs)
+        _refuse_value_dependent_sizes(module, out)
+        return out
+    except LeafShapeError:
+        raise
     except Exception as fake_error:  # noqa: BLE001 - retried on real zeros below
         if not _is_data_dependent(fake_error):
             first = fake_error

@@ -138,3 +138,44 @@ def test_sgd_steps_match_eager(inner):
         torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+
+
+class KeepPositiveRows(torch.nn.Module):
+    """A leaf whose output rows depend on values: not a valid leaf."""
+
+    def __init__(self, branch: bool):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.branch = branch
+
+    def forward(self, x):
+        y = self.lin(x)
+        keep = y.sum(-1) > 0
+        if self.branch and keep.sum() == 0:  # a Python branch on data: fake tensors cannot run it
+            return y[:0]
+        return y[keep]
+
+
+class KeepModel(torch.nn.Module):
+    def __init__(self, branch: bool):
+        super().__init__()
+        self.keep = KeepPositiveRows(branch)
+
+    def forward(self, x):
+        return self.keep(x).relu().sum(0)
+
+
+class TestLeafOutputContract(CompileTestCase):
+    def test_value_dependent_output_size_is_refused_at_compile_time(self):
+        model = KeepModel(branch=False)
+        leafpass.set_z3_leaf_modules(model, [KeepPositiveRows])
+        with self.assertRaisesRegex(Exception, r"KeepPositiveRows returns a tensor whose size depends on its input values"):
+            self.compile(model, fullgraph=True)(torch.randn(16, 8))
+
+    def test_value_dependent_output_size_found_at_run_time_names_the_leaf(self):
+        # with the data-dependent branch, shapes come from a run on zeros (0 rows kept)
+        model = KeepModel(branch=True)
+        leafpass.set_z3_leaf_modules(model, [KeepPositiveRows])
+        compiled = self.compile(model, fullgraph=True)
+        with self.assertRaisesRegex(leafpass.LeafShapeError, r"leaf keep returned .* shape \(\d+, 8\) where .*\(0, 8\)"):
+            compiled(torch.randn(16, 8) + 1)
