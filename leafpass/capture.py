@@ -29,7 +29,8 @@ import threading
 
 import torch
 from torch import nn
-from torch._dynamo.decorators import assume_constant_result, leaf_function
+from . import dynamo_internals as internals
+from .dynamo_internals import assume_constant_result, leaf_function
 
 from . import shape_inference
 
@@ -70,9 +71,7 @@ def _eager_inside_leafpass_frame() -> bool:
     Inside leafpass's lowered program (leaf pieces) Dynamo's callback is off, so this is
     False there.
     """
-    from torch._C._dynamo.eval_frame import get_eval_frame_callback
-
-    callback = get_eval_frame_callback()
+    callback = internals.eval_frame_callback()
     if callback is None or callback is False:
         return False
     cached = _callback_is_leafpass.get(id(callback))
@@ -134,13 +133,7 @@ def _tracing_for_leafpass() -> bool:
     # folds the result). No guard is needed: Dynamo already guards on the backend.
     if getattr(_local, "inferring_shapes", False):
         return False
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except Exception:
-        return False
-    return is_leafpass_backend(getattr(tx.output, "compiler_fn", None))
+    return is_leafpass_backend(internals.tracing_compiler_fn())
 
 
 @leaf_function
@@ -164,16 +157,15 @@ def install() -> None:
     if _original_call is not None:
         return
     global _original_call_no_dynamo
+    internals.check_torch_version()
     _original_call = nn.Module.__call__
     _original_call_no_dynamo = torch._dynamo.disable(_original_call, recursive=True)
     nn.Module.__call__ = _leafpass_module_call
     # Dynamo still inlines the wrapper while tracing a frame, but never compiles it as a
     # frame of its own: its one code object serves every module, so frames of it (after a
     # graph break in an unflagged module) would pile up on Dynamo's recompile limit.
-    from torch._dynamo.eval_frame import skip_code
-
-    skip_code(_leafpass_module_call.__code__)
-    skip_code(_run_uncaptured_leaf.__code__)
+    internals.never_compile_as_frame(_leafpass_module_call.__code__)
+    internals.never_compile_as_frame(_run_uncaptured_leaf.__code__)
 
 
 def installed() -> bool:
@@ -191,18 +183,10 @@ def annotate_input_sources(gm) -> None:
 
     Called from the backend while Dynamo's output graph still exists.
     """
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        graphargs = InstructionTranslator.current_tx().output.graphargs
-    except Exception:
-        return
+    sources = internals.graph_input_sources()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(graphargs) != len(placeholders):
+    if sources is None or len(sources) != len(placeholders):
         return
-    for node, arg in zip(placeholders, graphargs):
-        source = getattr(arg, "source", None)
-        if source is None:
-            continue
-        name = source.name if isinstance(source.name, str) else source.name()
-        node.meta["leafpass_source"] = name
+    for node, name in zip(placeholders, sources):
+        if name is not None:
+            node.meta["leafpass_source"] = name

@@ -27,6 +27,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.nn.utils.stateless import _reparametrize_module
 
+from .dynamo_internals import graph_inputs_by_fake
 from .runtime import logical_shape
 
 __all__ = ["infer_leaf_outputs", "LeafShapeError"]
@@ -36,22 +37,6 @@ class LeafShapeError(RuntimeError):
     """A leaf's outputs could not be inferred at compile time."""
 
 
-def _graph_inputs_by_fake() -> dict[int, torch.Tensor]:
-    """Map id(fake graph input) -> the real tensor Dynamo lifted it from."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except Exception:
-        return {}
-    found = {}
-    for arg in getattr(tx.output, "graphargs", []):
-        fake = getattr(arg, "fake_tensor", None)
-        if fake is not None:
-            found[id(fake)] = arg.example
-    return found
-
-
 def _whole_parameters(module: nn.Module, fake_mode) -> dict[str, torch.Tensor]:
     """Fake stand-ins of full size for parameters that are partitioned (size 0)."""
     reals = None
@@ -59,7 +44,7 @@ def _whole_parameters(module: nn.Module, fake_mode) -> dict[str, torch.Tensor]:
     for name, p in module.named_parameters(remove_duplicate=False):
         real = p
         if isinstance(p, FakeTensor):
-            reals = _graph_inputs_by_fake() if reals is None else reals
+            reals = graph_inputs_by_fake() if reals is None else reals
             real = reals.get(id(p), p)
         shape = logical_shape(real) if not isinstance(real, FakeTensor) else p.shape
         if tuple(shape) != tuple(p.shape):
@@ -103,7 +88,7 @@ def _symbols_by_hint(fake_inputs) -> dict[int, torch.SymInt]:
 
 def _run_on_zeros(module, args, kwargs, fake_mode):
     fake_inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    reals = _graph_inputs_by_fake()
+    reals = graph_inputs_by_fake()
 
     with unset_fake_temporarily(), torch.no_grad():
 

@@ -31,33 +31,21 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from ..dynamo_internals import invoke_leaf_function_op, leaf_callable_parts, leaf_module_state_type, module_by_index
 from ..leaf_call import META_KEY, LeafCall, qualname_from_source
 
 __all__ = ["leaf_call_module_pass", "is_leafpass_leaf_node"]
-
-
-def _invoke_leaf_function():
-    return torch.ops.higher_order.invoke_leaf_function
-
-
-def _closure(fn) -> dict:
-    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
-    cells = getattr(fn, "__closure__", None) or ()
-    return {n: c.cell_contents for n, c in zip(names, cells)}
 
 
 def _unwrap_leaf_callable(gm: torch.fx.GraphModule, node: torch.fx.Node):
     """(wrapped python function, captured output spec) of an invoke_leaf_function node."""
     callable_node = node.args[0]
     obj = getattr(gm, callable_node.target) if callable_node.op == "get_attr" else None
-    wrapper = getattr(obj, "_fn", None)
-    closure = _closure(wrapper)
-    spec_box = closure.get("captured_out_spec")
-    return closure.get("fn"), (spec_box[0] if spec_box else None)
+    return leaf_callable_parts(obj)
 
 
 def is_leafpass_leaf_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.op != "call_function" or node.target is not _invoke_leaf_function():
+    if node.op != "call_function" or node.target is not invoke_leaf_function_op():
         return False
     from ..capture import run_leaf
 
@@ -66,9 +54,7 @@ def is_leafpass_leaf_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool
 
 
 def _leaf_module_and_name(node: torch.fx.Node, state):
-    from torch._dynamo.graph_bytecode_inputs import get_external_object_by_index
-
-    module = get_external_object_by_index(state.nn_module_index)
+    module = module_by_index(state.nn_module_index)
     stack = node.meta.get("nn_module_stack") or {}
     path = None
     for key, (source_name, _cls) in stack.items():
@@ -109,8 +95,7 @@ def _emit_unflatten(graph: torch.fx.Graph, root: torch.fx.Node, spec) -> list[to
 
 def leaf_call_module_pass(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite every leafpass ``invoke_leaf_function`` node into ``call_module``."""
-    from torch._higher_order_ops.invoke_leaf_function import LeafModuleState
-
+    LeafModuleState = leaf_module_state_type()
     graph = gm.graph
     calls_per_leaf: dict[str, int] = {}
     for node in list(graph.nodes):

@@ -1,0 +1,142 @@
+"""Every private PyTorch (Dynamo) API leafpass relies on, in one place.
+
+PyTorch does not promise these: each was read in torch 2.13 and is covered by
+``tests/test_dynamo_internals.py``, which fails loudly if one changes. Nothing
+else in leafpass imports ``torch._dynamo`` internals (``torch._dynamo.reset``,
+``disable`` and the backend registry are public enough to use directly).
+
+==========================================  =============================================
+what                                        torch source (2.13)
+==========================================  =============================================
+``leaf_function``, ``assume_constant_result``  torch/_dynamo/decorators.py
+``invoke_leaf_function`` and its callables  torch/_higher_order_ops/invoke_leaf_function.py
+the module behind a ``LeafModuleState``     torch/_dynamo/graph_bytecode_inputs.py
+the output graph being traced               torch/_dynamo/symbolic_convert.py
+the active eval-frame callback              torch/_C/_dynamo/eval_frame
+``skip_code``                               torch/_dynamo/eval_frame.py
+==========================================  =============================================
+"""
+
+from __future__ import annotations
+
+import re
+import types
+
+import torch
+from torch._dynamo.decorators import assume_constant_result, leaf_function  # noqa: F401
+
+__all__ = [
+    "SUPPORTED_TORCH",
+    "assume_constant_result",
+    "check_torch_version",
+    "eval_frame_callback",
+    "graph_input_sources",
+    "graph_inputs_by_fake",
+    "invoke_leaf_function_op",
+    "leaf_callable_parts",
+    "leaf_function",
+    "leaf_module_state_type",
+    "module_by_index",
+    "never_compile_as_frame",
+    "tracing_compiler_fn",
+]
+
+SUPPORTED_TORCH = ((2, 13), (2, 15))  # [min, max)
+
+
+def check_torch_version(version: str = torch.__version__) -> None:
+    match = re.match(r"^(\d+)\.(\d+)", version)
+    parsed = tuple(int(x) for x in match.groups()) if match else None
+    low, high = SUPPORTED_TORCH
+    if parsed is None or not (low <= parsed < high):
+        raise RuntimeError(
+            f"leafpass relies on private parts of torch._dynamo that it supports for torch "
+            f">=2.13,<2.15 (tested with 2.13.0); found torch {version}. "
+            f"Install a supported version (pip install 'torch==2.13.0')."
+        )
+
+
+def _output_graph():
+    """Dynamo's OutputGraph for the frame being traced now, or None outside tracing."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().output
+    except Exception:
+        return None
+
+
+def tracing_compiler_fn():
+    """The backend (as Dynamo wraps it) of the frame being traced, or None."""
+    return getattr(_output_graph(), "compiler_fn", None)
+
+
+def _source_name(source) -> str:
+    return source.name if isinstance(source.name, str) else source.name()
+
+
+def graph_input_sources() -> list[str | None] | None:
+    """Source names (``L['self']._modules['l1']._parameters['weight']``) of the traced
+    graph's inputs, in placeholder order; None outside tracing."""
+    output = _output_graph()
+    if output is None:
+        return None
+    return [_source_name(a.source) if getattr(a, "source", None) is not None else None for a in output.graphargs]
+
+
+def graph_inputs_by_fake() -> dict[int, torch.Tensor]:
+    """``id(fake graph input) -> the real tensor Dynamo lifted it from``, while tracing."""
+    output = _output_graph()
+    found = {}
+    for arg in getattr(output, "graphargs", []) or []:
+        fake = getattr(arg, "fake_tensor", None)
+        if fake is not None:
+            found[id(fake)] = arg.example
+    return found
+
+
+def eval_frame_callback():
+    """Dynamo's frame callback in effect now: None or False when no compile region is active."""
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+    return get_eval_frame_callback()
+
+
+def never_compile_as_frame(code: types.CodeType) -> None:
+    """Dynamo still inlines ``code`` when tracing a caller, but never compiles it as a frame."""
+    from torch._dynamo.eval_frame import skip_code
+
+    skip_code(code)
+
+
+def invoke_leaf_function_op():
+    return torch.ops.higher_order.invoke_leaf_function
+
+
+def leaf_module_state_type():
+    from torch._higher_order_ops.invoke_leaf_function import LeafModuleState
+
+    return LeafModuleState
+
+
+def module_by_index(index: int) -> torch.nn.Module:
+    """The module a ``LeafModuleState.nn_module_index`` names (valid while compiling)."""
+    from torch._dynamo.graph_bytecode_inputs import get_external_object_by_index
+
+    return get_external_object_by_index(index)
+
+
+def _closure(fn) -> dict:
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    cells = getattr(fn, "__closure__", None) or ()
+    return {n: c.cell_contents for n, c in zip(names, cells)}
+
+
+def leaf_callable_parts(obj) -> tuple[object, object]:
+    """``(user function, captured output TreeSpec)`` behind a ``_LeafCallable`` stored on the
+    graph by Dynamo for an ``invoke_leaf_function`` node (made by
+    ``make_leaf_function_wrappers``: a ``wrapper`` closing over ``fn`` and
+    ``captured_out_spec``)."""
+    closure = _closure(getattr(obj, "_fn", None))
+    spec_box = closure.get("captured_out_spec")
+    return closure.get("fn"), (spec_box[0] if spec_box else None)
