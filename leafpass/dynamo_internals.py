@@ -13,6 +13,7 @@ what                                        torch source (2.13)
 the module behind a ``LeafModuleState``     torch/_dynamo/graph_bytecode_inputs.py
 the output graph being traced               torch/_dynamo/symbolic_convert.py
 the active eval-frame callback              torch/_C/_dynamo/eval_frame
+the compile id (first compile or recompile) torch/_guards.py (CompileContext)
 ``skip_code``                               torch/_dynamo/eval_frame.py
 ==========================================  =============================================
 """
@@ -33,6 +34,7 @@ __all__ = [
     "graph_input_sources",
     "graph_inputs_by_fake",
     "invoke_leaf_function_op",
+    "is_first_compile_of_frame",
     "leaf_callable_parts",
     "leaf_function",
     "leaf_module_state_type",
@@ -93,6 +95,16 @@ def graph_inputs_by_fake() -> dict[int, torch.Tensor]:
         if fake is not None:
             found[id(fake)] = arg.example
     return found
+
+
+def is_first_compile_of_frame() -> bool:
+    """True while compiling a frame for the first time (not a recompile); True outside
+    compilation too. From ``torch._guards.CompileContext.current_compile_id()``."""
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    frame_compile_id = getattr(compile_id, "frame_compile_id", None)
+    return frame_compile_id in (None, 0)
 
 
 def eval_frame_callback():

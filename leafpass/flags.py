@@ -31,6 +31,8 @@ from typing import Any, List, Sequence, Tuple, Type, Union
 
 import torch
 
+from .names import remember_names
+
 __all__ = [
     "DEFAULT_LEAF_MODULE_CLASSES",
     "DEFAULT_LEAF_MODULE_NAMES",
@@ -168,6 +170,7 @@ def _flag_by_class(fn: str, model: torch.nn.Module, leaf_module_classes: Sequenc
 
     # model.apply visits children before their parent; DeepSpeed returns modules in that order.
     model.apply(visit)
+    remember_names(model, matched)
 
     if not matched and raise_if_not_found:
         raise ValueError(f"{fn}: no module of {_model_class(model)} is an instance of or is named "
@@ -231,6 +234,7 @@ def set_z3_leaf_modules_by_name(model: torch.nn.Module,
             continue
         module._z3_leaf = flag
         matched.append(module)
+    remember_names(model, matched)
     if missing and raise_if_not_found:
         raise ValueError(_missing_message(fn, "is named", model, missing, [n for n in modules_by_name if n]))
     return matched, missing
@@ -264,6 +268,7 @@ def set_z3_leaf_modules_by_suffix(model: torch.nn.Module,
                     matched.append(module)
         if not found:
             missing.append(suffix)
+    remember_names(model, matched)
     if missing and raise_if_not_found:
         tails = set()
         for name, _ in named:

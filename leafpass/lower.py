@@ -27,7 +27,8 @@ from torch.fx.passes.split_module import split_module
 from .leaf_call import leaf_call_of
 from .passes.insert_prefetch import is_prefetch_node
 from .shape_inference import LeafShapeError
-from .schedule_check import check_same_schedule_once, leaf_schedule
+from .dynamo_internals import is_first_compile_of_frame
+from .schedule_check import check_same_schedule, leaf_schedule
 
 __all__ = ["lower", "leaf_partitions"]
 
@@ -177,15 +178,16 @@ class _LeafPiece(torch.nn.Module):
 
 
 class _CheckedProgram:
-    """The lowered program; its first call checks that all ranks compiled the same leaves."""
+    """The lowered program. If it was compiled for its frame's first compile, its first
+    call checks that all ranks compiled the same leaf schedule (see ``schedule_check``)."""
 
     def __init__(self, fn: Callable, schedule: list[tuple[str, int]]) -> None:
         self.fn = fn
         self.schedule = schedule
-        self.checked = False
+        self.checked = not is_first_compile_of_frame()
 
     def __call__(self, *args):
         if not self.checked:
-            check_same_schedule_once(self.schedule)
             self.checked = True
+            check_same_schedule(self.schedule)
         return self.fn(*args)

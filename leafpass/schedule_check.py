@@ -1,14 +1,17 @@
-"""Check once, across ranks, that every rank compiled the same leaf schedule.
+"""Check, across ranks, that every rank compiled the same leaf schedule.
 
 Ranks that disagree about which modules are leaves, or prefetch them in another
 order, would issue different collectives and abort (gloo: size mismatch) or hang.
-Before the first compiled step that prefetches anything, every rank shares its
-schedule, a list of ``(leaf, parameter count)`` in prefetch order; ranks compare a
-fingerprint with one all-reduce (min and max of a hash) and only on a mismatch gather
-the schedules to name the leaves that differ. The error is raised on every rank.
+On the first call of every program compiled for a frame's *first* compile, each
+rank shares that program's schedule, a list of ``(leaf, parameter count)`` in
+prefetch order (empty for a program without leaves); ranks compare a fingerprint
+with one all-reduce (min and max of a hash) and only on a mismatch gather the
+schedules to name the leaves that differ. The error is raised on every rank.
 
-It runs once per process: later graphs (recompiles may happen on one rank only)
-issue no extra collective.
+First compiles happen in the same order on every rank (the same code runs
+everywhere in the first step), so the checks pair up. Recompiles are not checked:
+they may happen on one rank only (a new input shape there), and a check there would
+have no partner.
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ import torch.fx
 
 from .leaf_call import leaf_call_of
 
-__all__ = ["LeafScheduleMismatch", "leaf_schedule", "check_same_schedule_once"]
-
-_checked = False
+__all__ = ["LeafScheduleMismatch", "leaf_schedule", "check_same_schedule"]
 
 
 class LeafScheduleMismatch(RuntimeError):
@@ -54,12 +55,10 @@ def _differing(schedules: list[list[tuple[str, int]]]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_same_schedule_once(schedule: list[tuple[str, int]]) -> None:
-    """On the first call in a process with world size > 1: raise on every rank if ranks differ."""
-    global _checked
-    if _checked or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+def check_same_schedule(schedule: list[tuple[str, int]]) -> None:
+    """With world size > 1: raise on every rank if the ranks' ``schedule`` differ."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
-    _checked = True
     device = torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
     fp = torch.tensor([_fingerprint(schedule), -_fingerprint(schedule)], dtype=torch.int64, device=device)
     dist.all_reduce(fp, op=dist.ReduceOp.MIN)
@@ -76,7 +75,3 @@ def check_same_schedule_once(schedule: list[tuple[str, int]]) -> None:
         f"Flag the same modules on every rank, before deepspeed.initialize and torch.compile."
     )
 
-
-def reset_for_tests() -> None:
-    global _checked
-    _checked = False

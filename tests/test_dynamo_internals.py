@@ -124,3 +124,20 @@ def test_invoke_leaf_function_node_parts():
     assert found["state_type"] is internals.leaf_module_state_type()
     assert found["module"] is model.moe1
     assert found["n_params"] == len(list(model.moe1.parameters()))
+
+
+def test_first_compile_and_recompile_are_told_apart():
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(internals.is_first_compile_of_frame())
+        return gm.forward
+
+    def f(x, n: int):
+        return x * n
+
+    compiled = torch.compile(f, backend=backend, dynamic=False)
+    compiled(torch.randn(2), 1)
+    compiled(torch.randn(2), 2)  # the int is guarded: a recompile of the same frame
+    assert seen == [True, False]
+    assert internals.is_first_compile_of_frame()  # outside compilation

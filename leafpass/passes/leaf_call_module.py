@@ -33,6 +33,7 @@ import torch.utils._pytree as pytree
 
 from ..dynamo_internals import invoke_leaf_function_op, leaf_callable_parts, leaf_module_state_type, module_by_index
 from ..leaf_call import META_KEY, LeafCall, qualname_from_source
+from ..names import qualname_of
 
 __all__ = ["leaf_call_module_pass", "is_leafpass_leaf_node"]
 
@@ -55,6 +56,9 @@ def is_leafpass_leaf_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool
 
 def _leaf_module_and_name(node: torch.fx.Node, state):
     module = module_by_index(state.nn_module_index)
+    known = qualname_of(module)
+    if known:
+        return module, known
     stack = node.meta.get("nn_module_stack") or {}
     path = None
     for key, (source_name, _cls) in stack.items():
@@ -62,7 +66,10 @@ def _leaf_module_and_name(node: torch.fx.Node, state):
             path = source_name
     if path is None and stack:
         path = list(stack.values())[-1][0]
-    return module, qualname_from_source(path or type(module).__name__)
+    name = qualname_from_source(path) if path else ""
+    if not name or name.startswith("___"):  # a stack slot of a resumed frame, not a path
+        name = type(module).__name__
+    return module, name
 
 
 def _emit_unflatten(graph: torch.fx.Graph, root: torch.fx.Node, spec) -> list[torch.fx.Node]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -159,6 +160,21 @@ class DeepSpeedRuntime:
         ds_shape = getattr(param, "ds_shape", None)
         return torch.Size(ds_shape) if ds_shape is not None else param.shape
 
+    def qualname(self, module: nn.Module) -> str | None:
+        """``module``'s name in the model DeepSpeed wraps (its ``named_modules()`` spelling).
+
+        Relies on deepspeed/runtime/zero/parameter_offload.py (0.19.x): the offload object
+        found through the module's forward pre-hook keeps the wrapped model as ``.module``.
+        """
+        owner = _offload_for(module)
+        root = getattr(owner, "module", None)
+        if root is None:
+            return None
+        names = _names_by_root.get(root)
+        if names is None:
+            names = _names_by_root[root] = {id(m): n for n, m in root.named_modules()}
+        return names.get(id(module))
+
     @torch.no_grad()
     def prefetch_all(self, leaf: nn.Module, params: list[nn.Parameter]) -> None:
         """Gather every partitioned ZeRO-3 parameter of ``leaf`` in one coalesced all-gather.
@@ -241,6 +257,8 @@ def _dedupe(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
             out.append(p)
     return out
 
+
+_names_by_root: "weakref.WeakKeyDictionary[nn.Module, dict[int, str]]" = weakref.WeakKeyDictionary()
 
 _runtime: DeepSpeedRuntime | None = None
 _runtime_lock = threading.Lock()
