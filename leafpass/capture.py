@@ -119,7 +119,7 @@ def is_leafpass_backend(compiler_fn) -> bool:
         compiler_fn = next(
             (
                 getattr(compiler_fn, attr)
-                for attr in ("_torchdynamo_orig_backend", "compiler_fn", "func", "__wrapped__")
+                for attr in ("_torchdynamo_orig_backend", "compiler_fn", "backend", "func", "__wrapped__")
                 if getattr(compiler_fn, attr, None) is not None
             ),
             None,

@@ -22,14 +22,15 @@ import re
 import torch
 import torch.fx
 
-from .leaf_call import leaf_call_of, qualname_from_source
+from .leaf_call import leaf_call_of, plain_source, qualname_from_source
 from .passes.insert_prefetch import is_prefetch_node
 
 __all__ = ["format_graph"]
 
 
 def _source(node: torch.fx.Node) -> str | None:
-    return node.meta.get("leafpass_source")
+    source = node.meta.get("leafpass_source")
+    return plain_source(source) if source is not None else None
 
 
 def _is_param_placeholder(node: torch.fx.Node) -> bool:

@@ -36,6 +36,24 @@ _INDEX = re.compile(r"\[(\d+)\]")
 _KEY = re.compile(r"\['([^']*)'\]")
 
 
+_DICT_GETITEM = re.compile(r"dict\.__getitem__\((.*), '([^']*)'\)$")
+_DUNDER_DICT = re.compile(r"\.__dict__\['(_modules|_parameters|_buffers)'\]")
+
+
+def plain_source(name: str) -> str:
+    """Undo the spellings Dynamo uses for dict subclasses it reads through ``dict.__getitem__``
+    (DeepSpeed's ``ZeROOrderedDict`` of parameters):
+    ``dict.__getitem__(L['self']._modules['l1'].__dict__['_parameters'], 'weight')`` ->
+    ``L['self']._modules['l1']._parameters['weight']``."""
+    for _ in range(32):
+        match = _DICT_GETITEM.search(name)
+        if match is None:
+            break
+        inner, key = match.groups()
+        name = name[: match.start()] + f"{inner}['{key}']" + name[match.end():]
+    return _DUNDER_DICT.sub(r".\1", name)
+
+
 def qualname_from_source(source_name: str) -> str:
     """Turn a Dynamo source name into a qualified name.
 
@@ -43,7 +61,7 @@ def qualname_from_source(source_name: str) -> str:
     ``L['self'].moe1`` -> ``moe1``, ``L['x']`` -> ``x``, ``L['net'].moe`` -> ``net.moe``.
     The roots Dynamo gives a compiled module (``self``, ``fn``, ``mod``, ``model``) are dropped.
     """
-    name = source_name
+    name = plain_source(source_name)
     name = re.sub(r"^[LG]\['(?:self|fn|mod|model)'\]", "", name)
     name = re.sub(r"^[LG]\['([^']*)'\]", r"\1", name)
     name = _MODULES_KEY.sub(r".\1", name)

@@ -159,3 +159,16 @@ def test_backend_found_by_name_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok (2, 4)" in result.stdout
+
+
+def test_wrapped_backend_is_still_recognised():
+    """torch._dynamo.testing.CompileCounterWithBackend keeps the backend in `.backend`."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = TwoMoE(8)
+    leafpass.set_z3_leaf_modules(model, [MoEBlock])
+    counter = CompileCounterWithBackend(leafpass.make_backend(inner="eager"))
+    torch.compile(model, backend=counter, fullgraph=True)(torch.randn(6, 8))
+    assert counter.frame_count == 1
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0

@@ -85,6 +85,8 @@ def test_pipeline_in_the_wrong_order_fails_loudly():
         ("L['self'].blocks[3].moe", "blocks.3.moe"),
         ("L['x']", "x"),
         ("L['net']._modules['moe']", "net.moe"),
+        # DeepSpeed's parameter dict is a dict subclass that Dynamo reads through dict.__getitem__
+        ("dict.__getitem__(L['self']._modules['inp'].__dict__['_parameters'], 'weight')", "inp.weight"),
     ],
 )
 def test_qualname_from_source(source, qualname):

@@ -69,10 +69,7 @@ def _is_deepspeed_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def runtime_for(params: Sequence[torch.Tensor]) -> PrefetchRuntime:
-    """The runtime that serves ``params``: the active one, else the owning engine's."""
-    if _stack:
-        return _stack[-1]
+def _engine_runtime(params: Sequence[torch.Tensor]) -> PrefetchRuntime:
     if any(_is_deepspeed_param(p) for p in params):
         from .deepspeed import deepspeed_runtime
 
@@ -80,8 +77,19 @@ def runtime_for(params: Sequence[torch.Tensor]) -> PrefetchRuntime:
     return _NULL
 
 
+def runtime_for(params: Sequence[torch.Tensor]) -> PrefetchRuntime:
+    """The runtime that serves ``params``: the active one, else the owning engine's."""
+    return _stack[-1] if _stack else _engine_runtime(params)
+
+
 def logical_shape(param: torch.Tensor) -> torch.Size:
-    """The full shape of ``param`` as its module's forward sees it, partitioned or not."""
-    runtime = runtime_for([param])
-    shape_of = getattr(runtime, "logical_shape", None)
-    return torch.Size(shape_of(param)) if shape_of is not None else param.shape
+    """The full shape of ``param`` as its module's forward sees it, partitioned or not.
+
+    Asks the active runtime, then the engine that owns the parameter, so a custom runtime
+    made active over partitioned parameters need not know their shapes.
+    """
+    for runtime in (active_runtime(), _engine_runtime([param])):
+        shape_of = getattr(runtime, "logical_shape", None)
+        if shape_of is not None:
+            return torch.Size(shape_of(param))
+    return param.shape
