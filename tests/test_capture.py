@@ -166,6 +166,7 @@ def test_wrapped_backend_is_still_recognised():
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = TwoMoE(8)
     leafpass.set_z3_leaf_modules(model, [MoEBlock])
     counter = CompileCounterWithBackend(leafpass.make_backend(inner="eager"))

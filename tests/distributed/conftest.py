@@ -13,3 +13,13 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest  # noqa: E402
+
+from tests.distributed.shared import extension_builds  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def extension_builds_before() -> set[str]:
+    """The JIT extension cache before a module's ranks ran: tests assert nothing was added."""
+    return extension_builds()

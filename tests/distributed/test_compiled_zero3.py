@@ -30,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.distributed.shared import extension_builds, gathers
 from leafpass.testing.distributed import DistributedRunError, run_ranks, zero3_config
 from leafpass.testing.models import MoEBlock
 
@@ -80,10 +81,6 @@ class _CountingRuntime:
         })
 
 
-def _gathers(before: dict[str, int], after: dict[str, int]) -> int:
-    return after.get("all_gather", 0) - before.get("all_gather", 0)
-
-
 def _instrument(engine, counter, current: dict, leaves: tuple[str, ...]) -> None:
     """Per leaf call: the all-gathers DeepSpeed's own pre-forward hook issues, and those of
     the leaf's backward.
@@ -100,7 +97,7 @@ def _instrument(engine, counter, current: dict, leaves: tuple[str, ...]) -> None
 
         def after_ds_pre(mod, args):
             rec = current[name]
-            rec["hook_ag"] = _gathers(rec["s1"], counter.snapshot())
+            rec["hook_ag"] = gathers(rec["s1"], counter.snapshot())
             if args and torch.is_tensor(args[0]) and args[0].requires_grad:
                 args[0].register_hook(lambda g: rec.__setitem__("bwd_end", counter.snapshot()))
 
@@ -180,7 +177,7 @@ def _train(engine, loss_fn, n_steps: int, leaves: tuple[str, ...], *, compile_in
             rec["leaves"].append({
                 name: {
                     "hook_ag": r.get("hook_ag"),
-                    "bwd_ag": _gathers(r["bwd_start"], r["bwd_end"]) if "bwd_start" in r and "bwd_end" in r else None,
+                    "bwd_ag": gathers(r["bwd_start"], r["bwd_end"]) if "bwd_start" in r and "bwd_end" in r else None,
                 }
                 for name, r in current.items()
             })
@@ -266,20 +263,6 @@ def _mixtral_runs(rank: int) -> dict:
                                      for n in MIXTRAL_LEAVES]
         out[mode] = _train(engine, loss_fn, N_STEPS, MIXTRAL_LEAVES, compile_inner=inner)
     return out
-
-
-def _extension_builds() -> set[str]:
-    """What torch's JIT extension cache holds (DeepSpeed's CPU ops are built there)."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-    found = set()
-    for dirpath, dirnames, _files in os.walk(root):
-        found.update(os.path.join(dirpath, d) for d in dirnames)
-    return found
-
-
-@pytest.fixture(scope="module")
-def extension_builds_before() -> set[str]:
-    return _extension_builds()
 
 
 @pytest.fixture(scope="module")
@@ -569,4 +552,4 @@ def test_ranks_with_different_leaf_flags_raise_leaf_schedule_mismatch_naming_moe
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_no_deepspeed_op_was_jit_built(runs, mismatched_flags_run, extension_builds_before):
-    assert _extension_builds() == extension_builds_before
+    assert extension_builds() == extension_builds_before

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.distributed.shared import extension_builds, gathers
 from leafpass.testing.distributed import DistributedRunError, run_ranks, zero3_config
 
 D, N_EXPERTS, TOP_K, N_TOKENS, N_STEPS = 16, 4, 2, 8, 4
@@ -41,10 +42,6 @@ N_TINY = 64  # leafpass.testing.models.ManyTinyModel defaults to 200; 64 keeps t
 
 def _statuses(module: torch.nn.Module) -> list[str]:
     return [p.ds_status.name for p in module.parameters()]
-
-
-def _gathers(before: dict[str, int], after: dict[str, int]) -> int:
-    return after.get("all_gather", 0) - before.get("all_gather", 0)
 
 
 def _instrument(engine, counter, prefetch: bool, current: dict, leaves: tuple[str, ...]) -> None:
@@ -73,12 +70,12 @@ def _instrument(engine, counter, prefetch: bool, current: dict, leaves: tuple[st
             if prefetch:
                 deepspeed_runtime().prefetch_all(mod, list(mod.parameters()))
             rec["s1"] = counter.snapshot()
-            rec["prefetch_ag"] = _gathers(s0, rec["s1"])
+            rec["prefetch_ag"] = gathers(s0, rec["s1"])
             rec["status_after_prefetch"] = _statuses(mod)
 
         def after_ds_pre(mod, args):
             rec = current[name]
-            rec["hook_ag"] = _gathers(rec["s1"], counter.snapshot())
+            rec["hook_ag"] = gathers(rec["s1"], counter.snapshot())
             rec["status_entry"] = _statuses(mod)
             rec["n_available_entry"] = n_available()
             if args[0].requires_grad:
@@ -142,7 +139,7 @@ def _train(engine, batch, prefetch: bool, n_steps: int, leaves: tuple[str, ...] 
                 name: {
                     "prefetch_ag": r["prefetch_ag"],
                     "hook_ag": r["hook_ag"],
-                    "bwd_ag": _gathers(r["bwd_start"], r["bwd_end"]) if "bwd_start" in r and "bwd_end" in r else None,
+                    "bwd_ag": gathers(r["bwd_start"], r["bwd_end"]) if "bwd_start" in r and "bwd_end" in r else None,
                     "status_before": r["status_before"],
                     "status_after_prefetch": r["status_after_prefetch"],
                     "status_entry": r["status_entry"],
@@ -215,20 +212,6 @@ def _runtime_facts(model) -> dict:
         "shm_comm_op": repr(getattr(ds_comm.cdb, "shm_comm_op", "missing")),
         "shapes": {n: (tuple(p.shape), tuple(logical_shape(p))) for n, p in model.named_parameters()},
     }
-
-
-def _extension_builds() -> set[str]:
-    """What torch's JIT extension cache holds (DeepSpeed's CPU ops are built there)."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-    found = set()
-    for dirpath, dirnames, _files in os.walk(root):
-        found.update(os.path.join(dirpath, d) for d in dirnames)
-    return found
-
-
-@pytest.fixture(scope="module")
-def extension_builds_before() -> set[str]:
-    return _extension_builds()
 
 
 @pytest.fixture(scope="module")
@@ -465,7 +448,7 @@ def test_harness_kills_and_names_a_hung_rank():
 @pytest.mark.timeout(200)
 def test_deepspeed_built_nothing(runs, extension_builds_before):
     assert [res["runtime"]["shm_comm_op"] for res in runs] == ["None", "None"]
-    assert _extension_builds() == extension_builds_before
+    assert extension_builds() == extension_builds_before
 
 
 @pytest.mark.distributed

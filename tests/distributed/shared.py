@@ -1,0 +1,19 @@
+"""Helpers shared by the distributed test modules."""
+
+from __future__ import annotations
+
+import os
+
+
+def gathers(before: dict[str, int], after: dict[str, int]) -> int:
+    """All-gathers issued between two snapshots of a collective counter."""
+    return after.get("all_gather", 0) - before.get("all_gather", 0)
+
+
+def extension_builds() -> set[str]:
+    """What torch's JIT extension cache holds (DeepSpeed's CPU ops are built there)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    found = set()
+    for dirpath, dirnames, _files in os.walk(root):
+        found.update(os.path.join(dirpath, d) for d in dirnames)
+    return found
