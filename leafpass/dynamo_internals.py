@@ -20,11 +20,12 @@ the compile id (first compile or recompile) torch/_guards.py (CompileContext)
 
 from __future__ import annotations
 
-import re
 import types
 
 import torch
 from torch._dynamo.decorators import assume_constant_result, leaf_function  # noqa: F401
+
+from .versions import in_range
 
 __all__ = [
     "SUPPORTED_TORCH",
@@ -47,10 +48,7 @@ SUPPORTED_TORCH = ((2, 13), (2, 15))  # [min, max)
 
 
 def check_torch_version(version: str = torch.__version__) -> None:
-    match = re.match(r"^(\d+)\.(\d+)", version)
-    parsed = tuple(int(x) for x in match.groups()) if match else None
-    low, high = SUPPORTED_TORCH
-    if parsed is None or not (low <= parsed < high):
+    if not in_range(version, *SUPPORTED_TORCH):
         raise RuntimeError(
             f"leafpass relies on private parts of torch._dynamo that it supports for torch "
             f">=2.13,<2.15 (tested with 2.13.0); found torch {version}. "

@@ -20,7 +20,6 @@ DeepSpeed, and nothing here builds a DeepSpeed op.
 
 from __future__ import annotations
 
-import re
 import threading
 import weakref
 from collections.abc import Iterable
@@ -28,6 +27,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..versions import in_range
 from .deepspeed_probe import CollectiveCounter, CollectiveEvent, count_collectives
 
 __all__ = [
@@ -52,10 +52,7 @@ def check_deepspeed_version() -> str:
     import deepspeed
 
     version = getattr(deepspeed, "__version__", "unknown")
-    match = re.match(r"^(\d+)\.(\d+)\.(\d+)", str(version))
-    parsed = tuple(int(x) for x in match.groups()) if match else None
-    low, high = SUPPORTED_DEEPSPEED
-    if parsed is None or not (low <= parsed < high):
+    if not in_range(version, *SUPPORTED_DEEPSPEED):
         raise RuntimeError(
             f"leafpass's DeepSpeed runtime relies on private parts of DeepSpeed ZeRO-3 that it "
             f"supports for deepspeed {_SUPPORTED_TEXT} (tested with 0.19.8); found deepspeed "
