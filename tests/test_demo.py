@@ -1,0 +1,196 @@
+"""``python -m leafpass demo``: eager ZeRO-3 vs engine.compile("inductor") vs engine.compile("z3leaf").
+
+One end-to-end run of the demo on a tiny model (2 real DeepSpeed ZeRO-3 ranks on gloo,
+CPU) checks the JSON rows and the table; the other tests check the flags, the missing
+DeepSpeed message and the report helpers without starting any rank. Timing figures are
+never asserted (only that they exist): the machine may be busy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leafpass import zero3_compare as zc
+
+REPO = Path(__file__).resolve().parent.parent
+
+ROW_KEYS = {
+    "way",
+    "graphs",
+    "graph_breaks",
+    "frames_skipped",
+    "all_gathers_per_step",
+    "compile_s",
+    "median_step_ms",
+    "median_step_cpu_ms",
+    "final_loss",
+    "losses",
+    "losses_match_eager",
+    "loss_max_abs_diff",
+    "peak_rss_mb",
+    "error",
+}
+
+# Tiny sizes: the run is dominated by two cold-ish compiles per rank (inductor, z3leaf).
+DEMO_ARGS = ["--steps", "2", "--layers", "1", "--d", "16", "--experts", "4", "--tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> dict:
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("demo") / "demo.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # "shared": the usual on-disk Inductor cache, so reruns of the suite are quicker.
+    cmd = [sys.executable, "-m", "leafpass", "demo", *DEMO_ARGS, "--inductor-cache", "shared", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert out.exists(), proc.stdout[-2000:]
+    result = json.loads(out.read_text())
+    result["_stdout"], result["_stderr"] = proc.stdout, proc.stderr
+    return result
+
+
+def _row(result: dict, way: str) -> dict:
+    rows = [r for r in result["rows"] if r["way"] == way]
+    assert len(rows) == 1, f"expected one {way} row, got {len(rows)}"
+    return rows[0]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_demo_json_has_three_complete_rows(demo_run):
+    assert [r["way"] for r in demo_run["rows"]] == ["eager", "inductor", "z3leaf"]
+    for row in demo_run["rows"]:
+        missing = ROW_KEYS - set(row)
+        assert not missing, f"{row['way']} lacks {sorted(missing)}"
+        assert row["error"] is None, row["error"]
+        assert row["median_step_ms"] > 0 and row["compile_s"] is not None
+        assert len(row["losses"]) == 2 and all(len(per_rank) == 2 for per_rank in row["losses"])
+        assert row["final_loss"] == row["losses"][0][-1]
+        assert len(row["peak_rss_mb"]) == 2 and min(row["peak_rss_mb"]) > 0
+    eager = _row(demo_run, "eager")
+    assert eager["graphs"] == 0 and eager["graph_breaks"] == 0
+    assert demo_run["settings"]["steps"] == 2 and demo_run["loss_tolerance"] == zc.LOSS_TOLERANCE
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_z3leaf_has_fewer_graphs_and_breaks_than_inductor(demo_run):
+    inductor, z3leaf = _row(demo_run, "inductor"), _row(demo_run, "z3leaf")
+    assert z3leaf["graph_breaks"] < inductor["graph_breaks"]
+    assert z3leaf["graphs"] < inductor["graphs"]
+    # One coalesced all-gather per leaf call: no more collectives than eager ZeRO-3.
+    assert z3leaf["all_gathers_per_step"] <= _row(demo_run, "eager")["all_gathers_per_step"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_compiled_losses_match_eager(demo_run):
+    for way in ("inductor", "z3leaf"):
+        row = _row(demo_run, way)
+        assert row["losses_match_eager"] is True, (way, row["loss_max_abs_diff"])
+        assert row["loss_max_abs_diff"] <= zc.LOSS_TOLERANCE
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_table_and_reading_on_stdout(demo_run):
+    out = demo_run["_stdout"]
+    assert "| way" in out and "| graphs" in out and "| graph breaks" in out
+    for label in ("eager ZeRO-3", "inductor", "z3leaf"):
+        assert any(line.startswith(f"| {label}") for line in out.splitlines()), label
+    assert "losses match eager" in out and "z3leaf:" in out
+    # The progress bars go to stderr, one per way.
+    assert "z3leaf   step 2/2" in demo_run["_stderr"]
+
+
+# ------------------------------------------------------------------ no ranks started
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "1"], "--steps must be at least 2"),
+        (["--steps", "3", "--warmup", "3"], "--warmup (3) must be less than --steps"),
+        (["--ways", "eager,turbo"], "unknown way(s) 'turbo'"),
+        (["--top-k", "5", "--experts", "4"], "--top-k (5) must not exceed --experts (4)"),
+        (["--d", "0"], "must be >= 1"),
+        (["--inner", "tvm"], "invalid choice: 'tvm'"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(argv, message, capsys):
+    from leafpass.demo import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_deepspeed_names_the_extra(monkeypatch, capsys):
+    from leafpass.demo import main
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # "import deepspeed" raises ImportError
+    assert main(["--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'leafpass[deepspeed]'" in err and len(err.strip().splitlines()) == 1
+
+
+def _fake_row(way: str, losses, graphs=0, breaks=0, step_ms=100.0, error=None) -> dict:
+    return {
+        "way": way, "graphs": graphs, "graph_breaks": breaks, "frames_skipped": 0, "all_gathers_per_step": 4.0,
+        "compile_s": 1.0, "median_step_ms": step_ms, "median_step_cpu_ms": step_ms / 2, "final_loss": losses[0][-1], "losses": losses,
+        "losses_match_eager": None, "loss_max_abs_diff": None, "peak_rss_mb": [100.0, 120.0], "error": error,
+    }
+
+
+def test_comparison_table_and_reading_from_rows():
+    eager = _fake_row("eager", [[1.0, 0.5], [2.0, 1.5]])
+    inductor = _fake_row("inductor", [[1.0, 0.5 + 2e-5], [2.0, 1.5]], graphs=9, breaks=12, step_ms=150.0)
+    z3leaf = _fake_row("z3leaf", [[1.0, 0.5], [2.0, 1.5 + 1e-6]], graphs=3, breaks=4, step_ms=120.0)
+    rows = zc.attach_comparison([eager, inductor, z3leaf])
+    assert [r["losses_match_eager"] for r in rows] == [True, False, True]  # tolerance 1e-5
+    assert inductor["loss_max_abs_diff"] == pytest.approx(2e-5)
+    table = zc.markdown_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| way") and len(lines) == 5
+    assert lines[2].startswith("| eager ZeRO-3") and "| 120 " in lines[2]  # peak RSS: the largest rank
+    text = zc.reading(rows)
+    assert "z3leaf: 3 graphs / 4 breaks vs inductor's 9 / 12" in text
+    assert "inductor NO" in text and "z3leaf yes" in text
+
+
+def test_failed_way_becomes_a_row_with_its_error():
+    from leafpass.testing.distributed import DistributedRunError
+
+    exc = DistributedRunError(
+        "rank 1 raised:\nTraceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+        "AssertionError: wrong number of dimensions\n\nrank 0 failed too (+0.01s after rank 1): "
+        "RuntimeError: Connection reset by peer",
+        [],
+    )
+    row = zc._failed_row("inductor", zc.CompareSpec(), exc, 3.0)
+    assert row["error"] == "AssertionError: wrong number of dimensions"
+    assert row["median_step_ms"] is None and row["way"] == "inductor"
+    eager = _fake_row("eager", [[1.0, 0.5]])
+    rows = zc.attach_comparison([eager, row])
+    assert rows[1]["losses_match_eager"] is None
+    assert "(FAILED)" in zc.markdown_table(rows)
+    assert "inductor FAILED: AssertionError: wrong number of dimensions" in zc.reading(rows)
+
+
+def test_spec_validation():
+    assert zc.CompareSpec(steps=2).warmup == 1 and zc.CompareSpec(steps=8).warmup == 2
+    with pytest.raises(ValueError, match="top_k"):
+        zc.CompareSpec(top_k=9, n_experts=8)
+    with pytest.raises(ValueError, match="steps must be > warmup"):
+        zc.CompareSpec(steps=3, warmup=3)
+    assert zc.CompareSpec(zero_limits="default").zero_kwargs() == {}
+    assert zc.CompareSpec().zero_kwargs()["max_live_parameters"] == 0
