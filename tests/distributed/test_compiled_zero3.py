@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.distributed.shared import extension_builds, gathers
+from tests.distributed.shared import assert_rank_failed_first, extension_builds, gathers
 from leafpass.testing.distributed import DistributedRunError, run_ranks, zero3_config
 from leafpass.testing.models import MoEBlock
 
@@ -480,16 +480,11 @@ def test_exception_inside_a_compiled_leaf_on_one_rank_fails_every_rank_fast():
     elapsed = time.monotonic() - start
     err = info.value
     text = str(err)
-    assert err.hung_ranks == [], text
-    assert err.first_failed_rank == 1, text
-    assert text.startswith("rank 1 raised:\nTraceback"), text
-    assert "RuntimeError: leaf exploded on rank 1 at step 1" in text, text
+    assert_rank_failed_first(err, 1, "RuntimeError: leaf exploded on rank 1 at step 1")
     rank1 = err.reports[1].error
     # it raised from the leaf, called by leafpass's lowered program (the compiled run), not
     # from a leaf that runs eagerly because its caller could not be compiled
     assert "leafpass/lower.py" in rank1 and "_run_uncaptured_leaf" not in rank1, rank1
-    assert "rank 0 failed too" in text, text
-    assert all(code not in (0, None) for code in err.exitcodes), err.exitcodes
     # rank 0 fails because rank 1 left, at once (not after the 30 s process-group timeout)
     lag = err.reports[0].reported_at - err.reports[1].reported_at
     assert 0 <= lag < 15, (lag, text)
