@@ -27,6 +27,7 @@ from .flags import (
     z3_leaf_parameter,
 )
 from .format import format_graph
+from .gather import GATHER_POLICIES, gather_stats
 from .record import GraphRecorder, record_graphs
 from .runtime import NullRuntime, PrefetchRuntime, use_runtime
 from .schedule_check import LeafScheduleMismatch, leaf_schedule
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_LEAF_MODULE_CLASSES",
+    "GATHER_POLICIES",
     "GraphRecorder",
     "LeafScheduleMismatch",
     "LeafShapeError",
@@ -45,6 +47,7 @@ __all__ = [
     "PrefetchRuntime",
     "apply_leaf_module_config",
     "format_graph",
+    "gather_stats",
     "get_z3_leaf_modules",
     "leaf_schedule",
     "make_backend",

@@ -13,6 +13,7 @@ from typing import Any
 import torch.fx
 
 from .capture import annotate_input_sources
+from .gather import GATHER_POLICIES, check_gather
 from .lower import lower
 from .passes import run_passes
 from .record import notify_graph
@@ -22,6 +23,7 @@ __all__ = ["OPTIONS", "INNER_COMPILERS", "make_backend", "z3leaf_backend", "reso
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 OPTIONS: Mapping[str, str] = {
     "inner": f"compiler for the non-leaf pieces: one of {INNER_COMPILERS} or a backend callable",
+    "gather": f"who gathers non-leaf parameters of a partitioned model: one of {list(GATHER_POLICIES)}",
 }
 
 
@@ -34,7 +36,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         valid = ", ".join(f"{k!r} ({v})" for k, v in OPTIONS.items())
         raise ValueError(f"unknown z3leaf option(s) {unknown}; valid options: {valid}")
-    checked = {"inner": "inductor", **options}
+    checked = {"inner": "inductor", "gather": "auto", **options}
+    check_gather(checked["gather"])
     inner = checked["inner"]
     if not callable(inner) and inner not in INNER_COMPILERS:
         raise ValueError(
@@ -80,6 +83,7 @@ def make_backend(**options: Any) -> Callable:
         return _compile(gm, example_inputs, {**options, **extra}, mode)
 
     backend._leafpass_backend = True
+    backend._leafpass_options = dict(options)
     backend.__name__ = "z3leaf"
     return backend
 

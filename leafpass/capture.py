@@ -33,6 +33,7 @@ from . import dynamo_internals as internals
 from .dynamo_internals import assume_constant_result, leaf_function
 
 from . import shape_inference
+from .gather import root_gatherer
 
 __all__ = ["install", "installed", "run_leaf", "is_leafpass_backend"]
 
@@ -48,7 +49,32 @@ def _leafpass_module_call(self: nn.Module, *args, **kwargs):
         return _original_call(self, *args, **kwargs)
     if _flagged_fast(self) and _eager_inside_leafpass_frame():
         return _run_uncaptured_leaf(self, args, kwargs)
+    flags = self.__dict__
+    # Only builtins and Dynamo-disabled functions are called from here on before the
+    # module's own call: this frame may run inside a z3leaf compile region (before the
+    # compiled frame is entered), where Dynamo would try to compile any other frame.
+    callback = _callback_now()
+    if flags.get("_compiled_call_impl") is not None or (flags.get("_forward_pre_hooks") and callback):
+        plan = _root_call_plan(self, callback)
+        if plan is not None:
+            gatherer, policy = plan
+            return gatherer.call(self, args, kwargs, policy, _original_call)
     return _original_call(self, *args, **kwargs)
+
+
+_callback_now = internals.eval_frame_callback_builtin()
+
+
+@torch._dynamo.disable
+def _root_call_plan(module: nn.Module, callback):
+    """``(gatherer, gather policy)`` when calling ``module`` enters a z3leaf-compiled frame and
+    ``module`` is the root of a partitioned model leafpass gathers for; else None.
+    ``callback`` is Dynamo's frame callback at the call (inside this function it is off)."""
+    options = _options_of_z3leaf_call(module, callback)
+    if options is None:
+        return None
+    gatherer = root_gatherer(module)
+    return None if gatherer is None else (gatherer, options.get("gather", "auto"))
 
 
 def _flagged_fast(module: nn.Module) -> bool:
@@ -60,9 +86,19 @@ def _flagged_fast(module: nn.Module) -> bool:
     return bool(getattr(type(module), "_z3_leaf", False))
 
 
-_callback_is_leafpass: dict[int, tuple[object, bool]] = {}
+_options_by_callback: dict[int, tuple[object, dict | None]] = {}
 
 
+def _callback_options(callback) -> dict | None:
+    """z3leaf options of a Dynamo frame callback (None: not leafpass's), cached per callback."""
+    cached = _options_by_callback.get(id(callback))
+    if cached is None or cached[0] is not callback:
+        # keep the callback alive with its answer, so its id cannot be reused meanwhile
+        cached = _options_by_callback[id(callback)] = (callback, backend_options(callback))
+    return cached[1]
+
+
+@torch._dynamo.disable
 def _eager_inside_leafpass_frame() -> bool:
     """True while Python runs eagerly inside a frame that Dynamo compiles for z3leaf.
 
@@ -74,11 +110,20 @@ def _eager_inside_leafpass_frame() -> bool:
     callback = internals.eval_frame_callback()
     if callback is None or callback is False:
         return False
-    cached = _callback_is_leafpass.get(id(callback))
-    if cached is None or cached[0] is not callback:
-        # keep the callback alive with its answer, so its id cannot be reused meanwhile
-        cached = _callback_is_leafpass[id(callback)] = (callback, is_leafpass_backend(callback))
-    return cached[1]
+    return _callback_options(callback) is not None
+
+
+def _options_of_z3leaf_call(module: nn.Module, callback) -> dict | None:
+    """The z3leaf options of the compiled frame that calling ``module`` now enters, if any:
+    ``module.compile(backend="z3leaf")`` (what ``engine.compile`` does), or a call made
+    inside ``torch.compile(module, backend="z3leaf")`` (``callback`` is then leafpass's)
+    before its frame is entered."""
+    compiled = module.__dict__.get("_compiled_call_impl")
+    if compiled is not None:
+        callback = internals.compiled_function_callback(compiled) or callback
+    if not callback:
+        return None
+    return _callback_options(callback)
 
 
 _warned_uncaptured: set[int] = set()
@@ -111,20 +156,23 @@ def _run_uncaptured_leaf(module: nn.Module, args, kwargs):
 
 def is_leafpass_backend(compiler_fn) -> bool:
     """True when ``compiler_fn`` (as Dynamo holds it, wrappers included) is leafpass's."""
-    seen = 0
-    while compiler_fn is not None and seen < 16:
-        if getattr(compiler_fn, "_leafpass_backend", False):
-            return True
-        seen += 1
-        compiler_fn = next(
-            (
-                getattr(compiler_fn, attr)
-                for attr in ("_torchdynamo_orig_backend", "compiler_fn", "backend", "func", "__wrapped__")
-                if getattr(compiler_fn, attr, None) is not None
-            ),
-            None,
-        )
-    return False
+    return backend_options(compiler_fn) is not None
+
+
+def backend_options(compiler_fn) -> dict | None:
+    """The z3leaf options ``compiler_fn`` will compile with, or None if it is not leafpass's.
+
+    Options bound by :func:`leafpass.make_backend` are overridden by ``options=`` given to
+    ``torch.compile``, as the backend itself merges them.
+    """
+    given: dict = {}
+    for fn in internals.backend_chain(compiler_fn):
+        options = internals.torch_compile_options(fn)
+        if options is not None:
+            given = {**options, **given}
+        if getattr(fn, "_leafpass_backend", False):
+            return {**getattr(fn, "_leafpass_options", {}), **given}
+    return None
 
 
 @assume_constant_result

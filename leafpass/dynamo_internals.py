@@ -15,6 +15,9 @@ the output graph being traced               torch/_dynamo/symbolic_convert.py
 the active eval-frame callback              torch/_C/_dynamo/eval_frame
 the compile id (first compile or recompile) torch/_guards.py (CompileContext)
 ``skip_code``                               torch/_dynamo/eval_frame.py
+the callback of a ``torch.compile``'d fn    torch/_dynamo/eval_frame.py (``_TorchDynamoContext``)
+the backend options ``torch.compile`` got   torch/__init__.py (``_TorchCompileWrapper.kwargs``)
+a callback at the end of ``backward()``     torch/csrc/autograd/python_engine.cpp
 ==========================================  =============================================
 """
 
@@ -30,8 +33,11 @@ from .versions import in_range
 __all__ = [
     "SUPPORTED_TORCH",
     "assume_constant_result",
+    "backend_chain",
     "check_torch_version",
+    "compiled_function_callback",
     "eval_frame_callback",
+    "eval_frame_callback_builtin",
     "graph_input_sources",
     "graph_inputs_by_fake",
     "invoke_leaf_function_op",
@@ -41,6 +47,8 @@ __all__ = [
     "leaf_module_state_type",
     "module_by_index",
     "never_compile_as_frame",
+    "queue_end_of_backward_callback",
+    "torch_compile_options",
     "tracing_compiler_fn",
 ]
 
@@ -112,11 +120,64 @@ def eval_frame_callback():
     return get_eval_frame_callback()
 
 
+def eval_frame_callback_builtin():
+    """The C function behind :func:`eval_frame_callback`: calling it makes no Python frame,
+    so it is safe where Dynamo's callback is active and a new frame would be compiled."""
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+    return get_eval_frame_callback
+
+
 def never_compile_as_frame(code: types.CodeType) -> None:
     """Dynamo still inlines ``code`` when tracing a caller, but never compiles it as a frame."""
     from torch._dynamo.eval_frame import skip_code
 
     skip_code(code)
+
+
+def compiled_function_callback(fn):
+    """The frame callback a function made by ``torch.compile`` (or ``nn.Module.compile``)
+    installs while it runs, or None for any other callable.
+
+    ``_TorchDynamoContext.__call__`` returns a ``compile_wrapper`` closing over ``callback``
+    and carrying ``_torchdynamo_orig_callable``.
+    """
+    if getattr(fn, "_torchdynamo_orig_callable", None) is None:
+        return None
+    return _closure(fn).get("callback")
+
+
+_CHAIN_ATTRS = ("_torchdynamo_orig_backend", "compiler_fn", "backend", "func", "__wrapped__")
+
+
+def backend_chain(compiler_fn, limit: int = 16):
+    """``compiler_fn`` as Dynamo holds it, then each object it wraps, outermost first.
+
+    Dynamo wraps a backend in ``CatchErrorsWrapper`` -> ``ConvertFrame`` ->
+    ``WrapBackendDebug`` -> ``_TorchCompileWrapper`` (whose ``kwargs`` holds
+    ``{"options": ...}`` given to ``torch.compile``) -> the backend function.
+    """
+    seen = 0
+    while compiler_fn is not None and seen < limit:
+        yield compiler_fn
+        seen += 1
+        compiler_fn = next(
+            (getattr(compiler_fn, a) for a in _CHAIN_ATTRS if getattr(compiler_fn, a, None) is not None),
+            None,
+        )
+
+
+def torch_compile_options(wrapper) -> dict | None:
+    """The ``options=`` dict ``torch.compile`` passed to a backend, from a ``_TorchCompileWrapper``."""
+    kwargs = getattr(wrapper, "kwargs", None)
+    if isinstance(kwargs, dict) and isinstance(kwargs.get("options"), dict):
+        return kwargs["options"]
+    return None
+
+
+def queue_end_of_backward_callback(fn) -> None:
+    """Run ``fn()`` once the backward pass running now has finished (call from a tensor hook)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
 def invoke_leaf_function_op():

@@ -24,7 +24,7 @@ import torch.fx
 
 from .leaf_call import leaf_call_of
 
-__all__ = ["LeafScheduleMismatch", "leaf_schedule", "check_same_schedule"]
+__all__ = ["LeafScheduleMismatch", "leaf_schedule", "check_same_gather", "check_same_schedule"]
 
 
 class LeafScheduleMismatch(RuntimeError):
@@ -55,17 +55,25 @@ def _differing(schedules: list[list[tuple[str, int]]]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_same_schedule(schedule: list[tuple[str, int]]) -> None:
-    """With world size > 1: raise on every rank if the ranks' ``schedule`` differ."""
+def _schedules_if_different(schedule: list) -> list | None:
+    """With world size > 1: every rank's ``schedule`` if they differ, else None (one all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
+        return None
     device = torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
     fp = torch.tensor([_fingerprint(schedule), -_fingerprint(schedule)], dtype=torch.int64, device=device)
     dist.all_reduce(fp, op=dist.ReduceOp.MIN)
     if int(fp[0]) == -int(fp[1]):
-        return
+        return None
     schedules: list = [None] * dist.get_world_size()
     dist.all_gather_object(schedules, schedule)
+    return schedules
+
+
+def check_same_schedule(schedule: list[tuple[str, int]]) -> None:
+    """With world size > 1: raise on every rank if the ranks' ``schedule`` differ."""
+    schedules = _schedules_if_different(schedule)
+    if schedules is None:
+        return
     lines = "; ".join(
         f"rank {r}: " + (", ".join(f"{name}({n})" for name, n in s) or "no leaves") for r, s in enumerate(schedules)
     )
@@ -75,3 +83,21 @@ def check_same_schedule(schedule: list[tuple[str, int]]) -> None:
         f"Flag the same modules on every rank, before deepspeed.initialize and torch.compile."
     )
 
+
+def check_same_gather(gather: list[tuple[int, int]]) -> None:
+    """With world size > 1: raise on every rank if the ranks would gather different
+    non-leaf parameters before the compiled forward (``(ds_id, numel)`` in order)."""
+    schedules = _schedules_if_different(gather)
+    if schedules is None:
+        return
+    sizes = ", ".join(f"rank {r}: {len(s)} parameters" for r, s in enumerate(schedules))
+    first = min(
+        (i for i in range(max(len(s) for s in schedules)) if len({tuple(s[i]) if i < len(s) else None for s in schedules}) > 1),
+        default=None,
+    )
+    raise LeafScheduleMismatch(
+        f"leafpass: ranks would gather different non-leaf parameters before the compiled forward "
+        f"(gather='step') -- {sizes}; first difference at position {first}. The ranks flag "
+        f"different leaf modules: flag the same modules on every rank, before deepspeed.initialize "
+        f"and torch.compile."
+    )

@@ -199,36 +199,8 @@ class DeepSpeedRuntime:
                 "model that contains it to deepspeed.initialize before compiling, and flag the leaf "
                 "with deepspeed.utils.set_z3_leaf_modules before deepspeed.initialize."
             )
-        coordinator = owner.get_param_coordinator()
-        # partitioned_param_coordinator.py, PartitionedParameterCoordinator.__all_gather_params:
-        # what fetch_sub_module calls for a module's NOT_AVAILABLE parameters. It adds their
-        # numel to the live-parameter count that release later subtracts, issues one
-        # param.all_gather_coalesced(...) per group (parameters with / without an hpZ
-        # secondary tensor) and records each handle in the in-flight registry.
-        gather = _coordinator_private(coordinator, "all_gather_params")
-        registry = _coordinator_private(coordinator, "inflight_param_registry")
-        stream = _coordinator_private(coordinator, "allgather_stream")
-        gather(set(missing), True)
-
-        # Wait as fetch_sub_module does for in-flight parameters: pop the handle from the
-        # registry and wait in the all-gather stream (a no-op context on CPU), then order
-        # the compute stream after it. handle.wait() sets ds_status AVAILABLE; a coalesced
-        # handle shared by several parameters completes once.
-        from deepspeed.accelerator import get_accelerator
-
-        accelerator = get_accelerator()
-        fast_fetch = bool(getattr(coordinator, "fast_sharding_for_leaf_module", False)) and _is_leaf(leaf)
-        with accelerator.stream(stream):
-            for p in missing:
-                handle = registry.pop(p, None)
-                if handle is not None:
-                    handle.wait(handle_dependency=not fast_fetch)
-        if not accelerator.resolves_data_dependency():
-            accelerator.current_stream().wait_stream(stream)
-        not_ready = [p for p in missing if p.ds_status != status.AVAILABLE]
-        if not_ready:
-            raise RuntimeError(f"leafpass: after the all-gather {len(not_ready)} parameter(s) of "
-                               f"{type(leaf).__name__} are not AVAILABLE: {not_ready[0].ds_summary()}")
+        fast_fetch = _is_leaf(leaf)
+        gather_and_wait(owner, missing, fast_fetch=fast_fetch, what=type(leaf).__name__)
 
     def __repr__(self) -> str:
         return f"DeepSpeedRuntime(deepspeed {self.version})"
@@ -253,6 +225,121 @@ def _dedupe(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+# ----------------------------------------------------- what the step gatherer needs
+
+
+def gather_and_wait(owner, params: list[nn.Parameter], *, fast_fetch: bool = False, what: str = "") -> None:
+    """Gather the NOT_AVAILABLE ZeRO-3 ``params`` through ``owner``'s coordinator in one
+    coalesced all-gather per group, and wait until they are AVAILABLE."""
+    if not params:
+        return
+    coordinator = owner.get_param_coordinator()
+    # partitioned_param_coordinator.py, PartitionedParameterCoordinator.__all_gather_params:
+    # what fetch_sub_module calls for a module's NOT_AVAILABLE parameters. It adds their
+    # numel to the live-parameter count that release later subtracts, issues one
+    # param.all_gather_coalesced(...) per group (parameters with / without an hpZ
+    # secondary tensor) and records each handle in the in-flight registry.
+    gather = _coordinator_private(coordinator, "all_gather_params")
+    registry = _coordinator_private(coordinator, "inflight_param_registry")
+    stream = _coordinator_private(coordinator, "allgather_stream")
+    gather(set(params), True)
+
+    # Wait as fetch_sub_module does for in-flight parameters: pop the handle from the
+    # registry and wait in the all-gather stream (a no-op context on CPU), then order
+    # the compute stream after it. handle.wait() sets ds_status AVAILABLE; a coalesced
+    # handle shared by several parameters completes once.
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    fast = bool(getattr(coordinator, "fast_sharding_for_leaf_module", False)) and fast_fetch
+    with accelerator.stream(stream):
+        for p in params:
+            handle = registry.pop(p, None)
+            if handle is not None:
+                handle.wait(handle_dependency=not fast)
+    if not accelerator.resolves_data_dependency():
+        accelerator.current_stream().wait_stream(stream)
+    status = _zero_param_status()
+    not_ready = [p for p in params if p.ds_status != status.AVAILABLE]
+    if not_ready:
+        raise RuntimeError(f"leafpass: after the all-gather {len(not_ready)} parameter(s) of "
+                           f"{what or 'the model'} are not AVAILABLE: {not_ready[0].ds_summary()}")
+
+
+@torch.no_grad()
+def release(owner, params: Iterable[nn.Parameter]) -> int:
+    """Partition again every AVAILABLE, non-persistent ``param`` no module is using; returns
+    the number of elements released.
+
+    Relies on partitioned_param_coordinator.py (0.19.x): ``__release_param`` partitions an
+    AVAILABLE parameter with no active submodules and subtracts it from the coordinator's
+    live-parameter count (which ``gather_and_wait`` added it to).
+    """
+    coordinator = owner.get_param_coordinator()
+    release_param = _coordinator_private(coordinator, "release_param")
+    status = _zero_param_status()
+    released = 0
+    for p in params:
+        if p.ds_status == status.AVAILABLE and not p.ds_persist and not p.ds_active_sub_modules:
+            release_param(p)
+            released += p.ds_numel
+    return released
+
+
+def root_offload(module: nn.Module):
+    """The ``DeepSpeedZeRoOffload`` for which ``module`` is the wrapped model, or None."""
+    owner = _offload_for(module)
+    return owner if owner is not None and getattr(owner, "module", None) is module else None
+
+
+def start_of_forward(owner) -> None:
+    """What DeepSpeed's ``_start_of_forward_hook`` on the root does: ``reset_step()`` of the
+    coordinator (parameter_offload.py, ``setup_zero_stage3_hooks``)."""
+    owner.get_param_coordinator().reset_step()
+
+
+def max_live_parameters(owner) -> int:
+    """``stage3_max_live_parameters`` as the offload object was built with it
+    (parameter_offload.py: ``self._max_available_parameters_in_numel``)."""
+    return int(getattr(owner, "_max_available_parameters_in_numel"))
+
+
+def hook_slots(owner) -> list[tuple[dict, int]]:
+    """``(hooks dict, key)`` of every module hook DeepSpeed registered for ``owner``.
+
+    parameter_offload.py (0.19.x) keeps the handles it registers: ``fwd_pre_hook`` (the
+    root's ``_start_of_forward_hook``), ``forward_hooks`` (pre/post forward of every
+    module) and ``backward_hooks`` (the forward hooks that set up pre/post backward).
+    A ``torch.utils.hooks.RemovableHandle`` names its dict by ``hooks_dict_ref()`` and
+    its key by ``id``.
+    """
+    handles = [getattr(owner, "fwd_pre_hook", None), *getattr(owner, "forward_hooks", ()),
+               *getattr(owner, "backward_hooks", ())]
+    slots = []
+    for handle in handles:
+        if handle is None:
+            continue
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None and handle.id in hooks:
+            slots.append((hooks, handle.id))
+    return slots
+
+
+def partitioned(param: torch.Tensor) -> bool:
+    """True for a ZeRO-3 parameter (it carries ``ds_id``)."""
+    return hasattr(param, "ds_id")
+
+
+def not_available(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    status = _zero_param_status()
+    return [p for p in params if p.ds_status == status.NOT_AVAILABLE]
+
+
+def external_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters DeepSpeed registered on ``module`` as used by it though owned elsewhere."""
+    return [p for _name, p in _with_external(module, ())]
 
 
 _names_by_root: "weakref.WeakKeyDictionary[nn.Module, dict[int, str]]" = weakref.WeakKeyDictionary()

@@ -1,0 +1,98 @@
+"""Who gathers the parameters of non-leaf modules: the ``gather`` option of ``z3leaf``.
+
+Leaves are always gathered whole by their ``prefetch_all``. The parameters of every
+other module of a partitioned model (embeddings, attention, norms, routers) are
+gathered according to ``options={"gather": ...}``:
+
+``"step"``
+    leafpass gathers all of them in ONE coalesced all-gather just before the compiled
+    forward is entered, and releases them once backward has finished. The engine's
+    per-module hooks are kept out of the compiled call, so Dynamo sees plain modules
+    with whole parameters: one graph per forward, no graph breaks, and guards that see
+    the same full shapes every step. Costs the memory of the whole non-leaf model
+    between forward and backward.
+``"hooks"``
+    the engine's own module hooks gather each module at its entry, as in eager ZeRO-3.
+    They cannot be compiled, so every hooked module is a graph break (the behaviour of
+    ``engine.compile()``), but the engine's live-parameter limits hold.
+``"auto"`` (default)
+    ``"step"`` when the whole model fits under the engine's live-parameter cap
+    (DeepSpeed: ``stage3_max_live_parameters``), else ``"hooks"``.
+
+The decision is taken where the compiled model is called, before Dynamo's frame is
+entered: the capture wrapper asks :func:`root_gatherer` whether the module is the root
+of an engine that leafpass can gather for (only DeepSpeed ZeRO-3 today), and the
+gatherer wraps the call::
+
+    engine(x) -> model(x)                                    # eager: capture wrapper
+                   gather non-leaf params (1 all-gather)     # "step"
+                   engine hooks of non-leaf modules off
+                   compiled frame: ONE graph
+                   hooks back on; release after backward
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+__all__ = ["GATHER_POLICIES", "check_gather", "gather_stats", "root_gatherer"]
+
+GATHER_POLICIES: Mapping[str, str] = {
+    "auto": "'step' when the whole model fits under the engine's live-parameter cap, else 'hooks'",
+    "step": "gather every non-leaf parameter in one collective before the compiled forward, release after backward",
+    "hooks": "let the engine's module hooks gather each module (a graph break per hooked module)",
+}
+
+
+def check_gather(value: Any) -> str:
+    """``value`` if it names a gather policy, else a ValueError listing the valid ones."""
+    if not isinstance(value, str) or value not in GATHER_POLICIES:
+        valid = "; ".join(f"{name!r}: {what}" for name, what in GATHER_POLICIES.items())
+        raise ValueError(f"z3leaf option 'gather' must be one of {list(GATHER_POLICIES)}; got {value!r}. {valid}")
+    return value
+
+
+_NOT_A_ROOT = object()
+_gatherers: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def root_gatherer(module: nn.Module):
+    """The gatherer for ``module`` if it is the root of a partitioned model, else None.
+
+    Cached per module: the answer depends on the engine's hooks, installed once.
+    """
+    found = _gatherers.get(module, None)
+    if found is None:
+        found = _find_gatherer(module)
+        _gatherers[module] = found
+    return None if found is _NOT_A_ROOT else found
+
+
+def _find_gatherer(module: nn.Module):
+    # Only modules DeepSpeed has registered carry ds_id; importing the DeepSpeed runtime
+    # (and DeepSpeed) is left to models that have it.
+    if "ds_id" in module.__dict__:
+        from .runtime.deepspeed_step import DeepSpeedStepGatherer
+
+        gatherer = DeepSpeedStepGatherer.for_root(module)
+        if gatherer is not None:
+            return gatherer
+    return _NOT_A_ROOT
+
+
+def gather_stats(model: nn.Module):
+    """What leafpass's gatherer did for ``model`` (a partitioned root module, or an engine
+    or compiled wrapper holding one as ``.module`` / ``._orig_mod``): the policy the last
+    call resolved to, calls, elements gathered by the last call and at peak. None if
+    leafpass has not run a compiled call of it."""
+    for attr in (None, "_orig_mod", "module"):
+        module = model if attr is None else getattr(model, attr, None)
+        if isinstance(module, nn.Module):
+            found = _gatherers.get(module, None)
+            if found is not None and found is not _NOT_A_ROOT:
+                return found.stats
+    return None

@@ -1,0 +1,264 @@
+"""Gather a DeepSpeed ZeRO-3 model's non-leaf parameters once per step (``gather="step"``).
+
+DeepSpeed gathers each module's parameters in hooks on that module. The hooks are
+``torch.compiler.disable``d, so under ``torch.compile`` every hooked module is a graph
+break. With ``gather="step"`` leafpass takes that job for every module outside the
+leaves, at the root, around the compiled call::
+
+    model(x)                             capture wrapper, eager, before Dynamo's frame
+      reset_step()                       what DeepSpeed's start-of-forward hook does
+      gather non-leaf params             ONE coalesced all-gather (per dtype/group)
+      DeepSpeed hooks of non-leaf        taken out of their modules' hook dicts
+        modules off                      for the duration of the call
+      compiled frame                     Dynamo sees plain modules with whole params:
+        [non-leaf ops]                   one graph, zero breaks, and guards that see
+        prefetch_all moe, moe(...)       the same full shapes every step; leaves still
+        [non-leaf ops]                   run with their DeepSpeed hooks (gather/release)
+      hooks back on
+    loss.backward()                      DeepSpeed's per-parameter gradient hooks reduce
+      end of backward: release           the gradients the compiled backward produces;
+                                         then leafpass partitions the params again
+
+Parameters are always gathered fresh at the next call: DeepSpeed's optimizer step
+partitions every parameter (``partition_all_parameters``) before it updates them, so
+nothing gathered can go stale. A forward with no backward (no grad, or outputs that
+need none) releases at once.
+
+``auto`` picks ``step`` when the whole model fits under ``stage3_max_live_parameters``,
+the cap DeepSpeed itself would keep; otherwise the call goes through DeepSpeed's hooks
+unchanged (``hooks``).
+
+Only public DeepSpeed attributes are read here; the private ones are reached through
+:mod:`leafpass.runtime.deepspeed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .. import dynamo_internals as internals
+from ..gather import check_gather
+from ..schedule_check import check_same_gather
+from . import deepspeed as ds
+
+__all__ = ["DeepSpeedStepGatherer", "StepStats"]
+
+log = logging.getLogger("leafpass.gather")
+
+
+class StepStats:
+    """What the step gatherer did: per call, and the largest amount gathered at once."""
+
+    def __init__(self) -> None:
+        self.policy: str | None = None  # the policy the last call resolved to
+        self.calls = 0
+        self.gathered_elements = 0  # by the last call
+        self.peak_gathered_elements = 0
+        self.releases = 0
+
+    def __repr__(self) -> str:
+        return (f"StepStats(policy={self.policy!r}, calls={self.calls}, gathered_elements="
+                f"{self.gathered_elements}, peak_gathered_elements={self.peak_gathered_elements})")
+
+
+def _leaf(module: nn.Module) -> bool:
+    return bool(getattr(module, "_z3_leaf", False))
+
+
+def _outside_leaves(root: nn.Module) -> list[nn.Module]:
+    """``root`` and every module not inside a flagged leaf's subtree (leaves excluded)."""
+    found, stack = [], [root]
+    while stack:
+        module = stack.pop()
+        if module is not root and _leaf(module):
+            continue
+        found.append(module)
+        stack.extend(reversed(list(module.children())))
+    return found
+
+
+class DeepSpeedStepGatherer:
+    """Runs the compiled call of a DeepSpeed ZeRO-3 root module under a gather policy."""
+
+    def __init__(self, root: nn.Module, owner) -> None:
+        self._root = weakref.ref(root)
+        self._owner = owner
+        self._slots = ds.hook_slots(owner)
+        self._checked = False
+        self._pending: list[nn.Parameter] | None = None
+        self.stats = StepStats()
+
+    @classmethod
+    def for_root(cls, module: nn.Module) -> "DeepSpeedStepGatherer | None":
+        owner = ds.root_offload(module)
+        return cls(module, owner) if owner is not None else None
+
+    # ---------------------------------------------------------------- policy
+
+    def resolve(self, policy: str) -> str:
+        policy = check_gather(policy)
+        if policy != "auto":
+            return policy
+        root = self._root()
+        total = sum(int(getattr(p, "ds_numel", p.numel())) for p in root.parameters())
+        cap = ds.max_live_parameters(self._owner)
+        chosen = "step" if total <= cap else "hooks"
+        if chosen != self.stats.policy:
+            log.info("leafpass: gather='auto' chose %r for %s (%d parameter elements, "
+                     "stage3_max_live_parameters=%d)", chosen, type(root).__name__, total, cap)
+        return chosen
+
+    # ---------------------------------------------------------------- the call
+
+    def call(self, root: nn.Module, args: tuple, kwargs: dict, policy: str, original_call: Callable):
+        """Run ``original_call(root, *args, **kwargs)`` (which enters the compiled frame)
+        under ``policy``.
+
+        This frame is never compiled by Dynamo (it may run inside a compile region, before
+        the compiled frame is entered); everything it does besides that call happens in
+        Dynamo-disabled methods.
+        """
+        hooks_off = self._before(root, policy)
+        if hooks_off is None:  # policy "hooks": DeepSpeed's hooks do the gathering
+            return original_call(root, *args, **kwargs)
+        try:
+            out = original_call(root, *args, **kwargs)
+        except BaseException:
+            self._after(hooks_off, None, failed=True)
+            raise
+        self._after(hooks_off, out, failed=False)
+        return out
+
+    @torch._dynamo.disable
+    def _before(self, root: nn.Module, policy: str) -> "_HooksTakenOut | None":
+        chosen = self.resolve(policy)
+        self.stats.policy = chosen
+        if chosen == "hooks":
+            return None
+        modules = _outside_leaves(root)
+        params = _dedupe(
+            p for m in modules for p in (*m.parameters(recurse=False), *ds.external_parameters(m)) if ds.partitioned(p)
+        )
+        if self._pending is not None:  # the previous step's forward had no backward
+            self._release()
+        ds.start_of_forward(self._owner)
+        if not self._checked:
+            self._checked = True
+            check_same_gather([(int(p.ds_id), int(p.ds_numel)) for p in params])
+        missing = ds.not_available(params)
+        ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (non-leaf modules)")
+        gathered = sum(int(p.ds_numel) for p in params)
+        self.stats.calls += 1
+        self.stats.gathered_elements = gathered
+        self.stats.peak_gathered_elements = max(self.stats.peak_gathered_elements, gathered)
+        self._pending = params
+        hooks_off = _HooksTakenOut(self._slots, modules, root)
+        hooks_off.take_out()
+        return hooks_off
+
+    @torch._dynamo.disable
+    def _after(self, hooks_off: "_HooksTakenOut", out, failed: bool) -> None:
+        hooks_off.put_back()
+        if failed:
+            self._release()
+            return
+        needs_grad = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not needs_grad:
+            self._release()
+        else:
+            _release_after_backward(needs_grad, self._release_once_for(self._pending))
+
+    def _release_once_for(self, params: list[nn.Parameter]) -> Callable[[], None]:
+        state = {"done": False}
+
+        def release() -> None:
+            if not state["done"] and self._pending is params:
+                state["done"] = True
+                self._release()
+
+        return release
+
+    def _release(self) -> None:
+        params, self._pending = self._pending, None
+        if params:
+            ds.release(self._owner, params)
+            self.stats.releases += 1
+
+
+class _HooksTakenOut:
+    """Takes DeepSpeed's module hooks off ``modules`` (not off leaves) and puts them back,
+    in order.
+
+    The root's other hooks (the engine's forward prologue and epilogue, users' hooks) stay,
+    but run with Dynamo disabled: under ``torch.compile(model)`` they are called from
+    ``nn.Module._call_impl`` inside the compile region, where Dynamo would try to compile
+    each of them as a frame (and, with ``fullgraph=True``, fail on their timers).
+    """
+
+    def __init__(self, slots: list[tuple[dict, int]], modules: list[nn.Module], root: nn.Module) -> None:
+        dicts = {id(d) for m in modules for d in (m._forward_pre_hooks, m._forward_hooks)}
+        self._by_dict: dict[int, tuple[dict, list[int]]] = {}
+        for hooks, key in slots:
+            if id(hooks) in dicts:
+                self._by_dict.setdefault(id(hooks), (hooks, []))[1].append(key)
+        for hooks in (root._forward_pre_hooks, root._forward_hooks):
+            self._by_dict.setdefault(id(hooks), (hooks, []))
+        self._root_dicts = {id(root._forward_pre_hooks), id(root._forward_hooks)}
+        self._saved: list[tuple[dict, list]] = []
+
+    def take_out(self) -> None:
+        for hooks, keys in self._by_dict.values():
+            self._saved.append((hooks, list(hooks.items())))
+            for key in keys:
+                hooks.pop(key, None)
+            if id(hooks) in self._root_dicts:
+                for key, fn in list(hooks.items()):
+                    hooks[key] = _dynamo_disabled(fn)
+
+    def put_back(self) -> None:
+        for hooks, items in self._saved:
+            hooks.clear()
+            hooks.update(items)
+        self._saved.clear()
+
+
+_disabled_hooks: dict[int, tuple[Callable, Callable]] = {}
+
+
+def _dynamo_disabled(fn: Callable) -> Callable:
+    cached = _disabled_hooks.get(id(fn))
+    if cached is None or cached[0] is not fn:
+        cached = _disabled_hooks[id(fn)] = (fn, torch._dynamo.disable(fn))
+    return cached[1]
+
+
+def _release_after_backward(tensors: list[torch.Tensor], release: Callable[[], None]) -> None:
+    """Call ``release()`` when the first backward through any of ``tensors`` has finished."""
+
+    def on_grad(grad):
+        internals.queue_end_of_backward_callback(release)
+        return grad
+
+    for t in tensors:
+        t.register_hook(on_grad)
+
+
+def _dedupe(params) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+# The gatherer's call runs where Dynamo's callback may be active; Dynamo must not try to
+# compile it as a frame of its own (it calls the compiled frame).
+internals.never_compile_as_frame(DeepSpeedStepGatherer.call.__code__)

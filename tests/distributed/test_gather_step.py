@@ -1,0 +1,313 @@
+"""``gather="step"``: one graph per forward under real DeepSpeed ZeRO-3 (gloo, CPU).
+
+leafpass gathers every non-leaf parameter in one all-gather before the compiled forward and
+takes DeepSpeed's non-leaf module hooks out of the compiled call, so Dynamo compiles the
+whole forward as one graph. Each case below trains the same model twice from the same
+weights, eager ZeRO-3 and compiled, and the tests compare losses and final (gathered)
+parameters step by step. Parameter sizes are chosen not to divide by 2 or 3 (d=13).
+
+Runs (each a fixture shared by the tests that read it):
+
+* ``matrix`` (2 ranks): MoEStack under DeepSpeed's default limits (``auto`` -> step, inductor),
+  with gradient accumulation 2 and ``contiguous_gradients`` off (step, aot_eager), under
+  strict limits with an explicit ``step`` (GA 2), under strict limits with ``auto`` (-> hooks:
+  DeepSpeed's hooks, graph breaks, still exact), and through
+  ``torch.compile(engine.module, fullgraph=True)`` instead of ``engine.compile``;
+* ``three_ranks``: world size 3, GA 2, step;
+* ``mixtral``: a tiny Hugging Face Mixtral with eager experts, 50 steps of changing routing;
+* failures: an exception inside the compiled step on one rank, and ranks that would
+  gather different parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.distributed.shared import assert_rank_failed_first
+from leafpass.testing.distributed import DistributedRunError, run_ranks, zero3_config
+
+D, N_LAYERS, N_EXPERTS, TOP_K, N_TOKENS = 13, 2, 4, 2, 12
+N_STEPS = 20  # optimizer steps; with gradient accumulation 2 that is 40 forwards
+TOL = 1e-6
+LR = 0.05
+STRICT = {"max_live_parameters": 0, "max_reuse_distance": 0, "prefetch_bucket_size": 0}
+
+# name -> (limits, gradient accumulation, contiguous_gradients, gather option, inner, route)
+CASES = {
+    "default_auto_inductor": ({}, 1, True, "auto", "inductor", "engine.compile"),
+    "ga2_noncontiguous": ({}, 2, False, "step", "aot_eager", "engine.compile"),
+    "strict_ga2_step": (STRICT, 2, True, "step", "aot_eager", "engine.compile"),
+    "strict_auto_hooks": (STRICT, 1, True, "auto", "aot_eager", "engine.compile"),
+    "fullgraph_torch_compile": ({}, 1, True, "step", "aot_eager", "torch.compile"),
+}
+MIXTRAL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+MIXTRAL_STEPS = 50
+
+
+# ----------------------------------------------------------------- what runs on each rank
+
+
+def _config(limits: dict, ga: int, contiguous: bool) -> dict:
+    return zero3_config(1, **limits, gradient_accumulation_steps=ga,
+                        zero_optimization={"contiguous_gradients": contiguous})
+
+
+def _engine(model, config):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config)
+    return engine
+
+
+def _batch(rank: int, micro: int):
+    gen = torch.Generator().manual_seed(1000 * rank + micro)
+    return torch.randn(N_TOKENS, D, generator=gen), torch.randn(N_TOKENS, D, generator=gen)
+
+
+def _train(engine, forward, n_micro: int, batch_fn) -> dict:
+    """Run ``n_micro`` forward/backward/step; return losses, final parameters and counts."""
+    import deepspeed
+
+    import leafpass
+    from leafpass.runtime.deepspeed import count_collectives
+
+    rec: dict = {"losses": [], "fwd_ag": []}
+    torch._dynamo.utils.counters.clear()
+    with leafpass.record_graphs() as graphs, count_collectives() as counter:
+        for micro in range(n_micro):
+            batch = batch_fn(micro)
+            s0 = counter.snapshot()
+            loss = forward(batch)
+            rec["fwd_ag"].append(counter.delta(s0, counter.snapshot()).get("all_gather", 0))
+            engine.backward(loss)
+            engine.step()
+            rec["losses"].append(loss.item())
+            # nothing leafpass gathered is left AVAILABLE after backward
+            if micro == 0:
+                rec["available_after_step0"] = sum(
+                    p.ds_status.name == "AVAILABLE" and not p.ds_persist for p in engine.module.parameters())
+    rec["graphs"] = len(graphs.graphs)
+    rec["breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
+    rec["break_reasons"] = sorted({str(r).splitlines()[0][:120] for r in torch._dynamo.utils.counters["graph_break"]})
+    stats = leafpass.gather_stats(engine.module)
+    rec["stats"] = None if stats is None else {
+        "policy": stats.policy, "calls": stats.calls, "peak": stats.peak_gathered_elements, "releases": stats.releases}
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        rec["final"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    return rec
+
+
+def _moe_stack():
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from leafpass.testing.models import MoEBlock, MoEStack
+
+    torch.manual_seed(7)
+    model = MoEStack(D, N_LAYERS, N_EXPERTS, TOP_K)
+    set_z3_leaf_modules(model, [MoEBlock])
+    return model
+
+
+def _run_case(rank: int, base, case: tuple) -> dict:
+    limits, ga, contiguous, gather, inner, route = case
+    out = {}
+    mse = lambda fwd: lambda batch: F.mse_loss(fwd(batch[0]), batch[1])  # noqa: E731
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        engine = _engine(copy.deepcopy(base), _config(limits, ga, contiguous))
+        forward = engine
+        if mode == "compiled":
+            options = {"gather": gather, "inner": inner}
+            if route == "engine.compile":
+                engine.compile(backend="z3leaf", compile_kwargs={"options": options})
+            else:
+                forward = torch.compile(engine.module, backend="z3leaf", fullgraph=True, options=options)
+        out[mode] = _train(engine, mse(forward), N_STEPS * ga, lambda micro: _batch(rank, micro))
+    return out
+
+
+def _matrix_body(rank: int, world_size: int, names: list[str]) -> dict:
+    base = _moe_stack()
+    return {name: _run_case(rank, base, CASES[name]) for name in names}
+
+
+def _mixtral_body(rank: int, world_size: int) -> dict:
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(transformers.MixtralConfig(**MIXTRAL),
+                                                         experts_implementation="eager")
+    base.train()
+    out = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        engine = _engine(copy.deepcopy(base), zero3_config(1))  # DeepSpeed flags the MoE blocks
+        if mode == "compiled":
+            engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": "aot_eager"}})
+
+        def batch(micro):  # new tokens every step: the routing changes every step
+            gen = torch.Generator().manual_seed(100 * rank + micro)
+            return torch.randint(0, MIXTRAL["vocab_size"], (2, 8), generator=gen)
+
+        out[mode] = _train(engine, lambda ids: engine(input_ids=ids, labels=ids).loss, MIXTRAL_STEPS, batch)
+    return out
+
+
+@pytest.fixture(scope="module")
+def matrix() -> list[dict]:
+    start = time.monotonic()
+    values = run_ranks(_matrix_body, list(CASES), world_size=2, timeout=420, pg_timeout=90)
+    print(f"2-rank gather matrix: {time.monotonic() - start:.1f}s")
+    return values
+
+
+@pytest.fixture(scope="module")
+def three_ranks() -> list[dict]:
+    return run_ranks(_matrix_body, ["ga2_noncontiguous"], world_size=3, timeout=300, pg_timeout=90)
+
+
+@pytest.fixture(scope="module")
+def mixtral() -> list[dict]:
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed")
+    return run_ranks(_mixtral_body, world_size=2, timeout=300, pg_timeout=90,
+                     env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
+# ----------------------------------------------------------------------------- assertions
+
+
+def _assert_parity(eager: dict, compiled: dict, what: str) -> None:
+    assert len(compiled["losses"]) == len(eager["losses"]), what
+    diffs = [abs(a - b) for a, b in zip(eager["losses"], compiled["losses"])]
+    assert max(diffs) <= TOL, (what, eager["losses"], compiled["losses"])
+    assert len(set(eager["losses"])) > 1, (what, eager["losses"])  # the model did train
+    assert eager["final"].keys() == compiled["final"].keys()
+    worst = max((eager["final"][n] - compiled["final"][n]).abs().max().item() for n in eager["final"])
+    assert worst <= TOL, (what, worst)
+
+
+def _assert_one_graph(run: dict, what: str) -> None:
+    assert run["graphs"] == 1 and run["breaks"] == 0, (what, run["graphs"], run["breaks"], run["break_reasons"])
+    assert run["stats"]["policy"] == "step", (what, run["stats"])
+    assert run["available_after_step0"] == 0, what
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("name", list(CASES))
+def test_compiled_zero3_matches_eager_over_20_steps(matrix, name):
+    for rank, res in enumerate(matrix):
+        _assert_parity(res[name]["eager"], res[name]["compiled"], f"{name} rank {rank}")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("name", [n for n in CASES if n != "strict_auto_hooks"])
+def test_step_gather_compiles_one_graph_without_breaks_or_recompiles(matrix, name):
+    for rank, res in enumerate(matrix):
+        _assert_one_graph(res[name]["compiled"], f"{name} rank {rank}")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_step_gather_is_one_all_gather_plus_one_per_leaf(matrix):
+    for rank, res in enumerate(matrix):
+        for name in ("default_auto_inductor", "strict_ga2_step"):
+            compiled, eager = res[name]["compiled"], res[name]["eager"]
+            # every forward: the non-leaf gather, then one gather per leaf (N_LAYERS leaves)
+            assert set(compiled["fwd_ag"]) == {1 + N_LAYERS}, (name, rank, compiled["fwd_ag"])
+            if name.startswith("strict"):  # eager ZeRO-3 then gathers module by module
+                assert min(eager["fwd_ag"]) > 1 + N_LAYERS, (name, rank, eager["fwd_ag"])
+            else:  # with a complete trace, DeepSpeed prefetches this small model in one bucket
+                assert eager["fwd_ag"][0] > 1 + N_LAYERS and eager["fwd_ag"][2:] == [1] * (len(eager["fwd_ag"]) - 2)
+            ga = CASES[name][1]
+            assert compiled["stats"]["calls"] == N_STEPS * ga == compiled["stats"]["releases"], compiled["stats"]
+        n_params = sum(p.numel() for n, p in res["default_auto_inductor"]["eager"]["final"].items() if ".moe." not in n)
+        assert res["default_auto_inductor"]["compiled"]["stats"]["peak"] == n_params
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_auto_keeps_deepspeed_hooks_when_the_model_exceeds_the_live_parameter_cap(matrix):
+    for res in matrix:
+        run = res["strict_auto_hooks"]["compiled"]
+        assert run["stats"]["policy"] == "hooks", run["stats"]
+        assert run["stats"]["calls"] == 0
+        assert run["breaks"] > 0 and run["graphs"] > 1, (run["graphs"], run["breaks"])
+        assert any("compiler.disable" in r or "skipped" in r for r in run["break_reasons"]), run["break_reasons"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(360)
+def test_world_size_three_with_gradient_accumulation(three_ranks):
+    assert len(three_ranks) == 3
+    for rank, res in enumerate(three_ranks):
+        run = res["ga2_noncontiguous"]
+        _assert_parity(run["eager"], run["compiled"], f"world 3 rank {rank}")
+        _assert_one_graph(run["compiled"], f"world 3 rank {rank}")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(360)
+def test_mixtral_50_steps_of_changing_routing_one_graph_no_recompiles(mixtral):
+    for rank, res in enumerate(mixtral):
+        _assert_one_graph(res["compiled"], f"mixtral rank {rank}")
+        assert len(res["compiled"]["losses"]) == MIXTRAL_STEPS
+        _assert_parity(res["eager"], res["compiled"], f"mixtral rank {rank}")
+
+
+# ------------------------------------------------------------------------------- failures
+
+
+def _mismatched_gather_body(rank: int, world_size: int) -> str:
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from leafpass.testing.models import MoEBlock, TwoMoE
+
+    torch.manual_seed(0)
+    model = TwoMoE(D, N_EXPERTS, TOP_K)
+    set_z3_leaf_modules(model if rank == 0 else model.moe1, [MoEBlock])  # rank 1: moe1 only
+    engine = _engine(model, zero3_config(1))
+    engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": "eager", "gather": "step"}})
+    x = torch.randn(N_TOKENS, D, generator=torch.Generator().manual_seed(rank))
+    for _ in range(2):
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+    return "finished"
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_ranks_that_would_gather_different_parameters_all_raise():
+    start = time.monotonic()
+    with pytest.raises(DistributedRunError) as info:
+        run_ranks(_mismatched_gather_body, world_size=2, timeout=150, pg_timeout=30)
+    err = info.value
+    assert err.hung_ranks == [] and all(code not in (0, None) for code in err.exitcodes), str(err)
+    for report in err.reports:
+        last = (report.error or "").strip().splitlines()[-1:]
+        assert last and "LeafScheduleMismatch" in last[0] and "non-leaf parameters" in last[0], (report.rank, last)
+    assert time.monotonic() - start < 150
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_exception_inside_the_compiled_step_on_one_rank_fails_every_rank_fast():
+    from tests.distributed.test_compiled_zero3 import _exploding_body
+
+    with pytest.raises(DistributedRunError) as info:
+        run_ranks(_exploding_body, 1, 1, "step", world_size=2, timeout=150, pg_timeout=30)
+    err = info.value
+    assert_rank_failed_first(err, 1, "RuntimeError: leaf exploded on rank 1 at step 1")
+    assert "leafpass/runtime/deepspeed_step.py" in err.reports[1].error, err.reports[1].error
+    lag = err.reports[0].reported_at - err.reports[1].reported_at
+    assert 0 <= lag < 15, (lag, str(err))
