@@ -1,32 +1,36 @@
-"""DeepSpeed ZeRO-3 on CPU ranks: eager vs ``engine.compile("inductor")`` vs ``engine.compile("z3leaf")``.
+"""DeepSpeed ZeRO-3 on CPU ranks: eager (default and strict limits) vs ``engine.compile("inductor")`` vs z3leaf.
 
-    python benchmarks/zero3_moe.py            # MoEStack d=256, 4 layers, 8 experts, top-2; ~10+ min on 2 cores
+    python benchmarks/zero3_moe.py            # MoEStack d=256, 4 layers, 8 experts, top-2; ~15+ min on 2 cores
     python benchmarks/zero3_moe.py --quick    # tiny model, few steps (smoke test)
 
-The three ways train the same ``MoEStack`` (``MoEBlock`` flagged as the ZeRO-3 leaf with
-``deepspeed.utils.set_z3_leaf_modules`` before ``deepspeed.initialize``) on the same data,
-each in fresh gloo rank processes, through :func:`leafpass.zero3_compare.compare` (see its
-``DEFINITIONS``, repeated in the JSON). Every rank trains on its own batches, so ranks route
-tokens to different experts; ZeRO-3 limits are "strict" by default (gather each module at
-its entry, release it after use), so every gather shows in the all-gather count.
+The ways (:data:`leafpass.zero3_compare.WAY_SETUPS`) train the same ``MoEStack``
+(``MoEBlock`` flagged as the ZeRO-3 leaf with ``deepspeed.utils.set_z3_leaf_modules`` before
+``deepspeed.initialize``) on the same data, each in fresh gloo rank processes, through
+:func:`leafpass.zero3_compare.compare` (see its ``DEFINITIONS``, repeated in the JSON).
+Every rank trains on its own batches, so ranks route tokens to different experts. Default
+ways: eager ZeRO-3 with DeepSpeed's default limits, eager ZeRO-3 with strict limits (gather
+each module at its entry, release it after use), ``engine.compile(backend="inductor")``,
+and the same with strict limits, z3leaf with ``gather="step"``, and z3leaf under strict limits
+(where ``gather="auto"`` leaves the non-leaf modules to DeepSpeed's own module hooks: the
+strict-memory option leafpass has today).
 
-Main pass: graphs, graph breaks, frames Dynamo ran eagerly, all-gathers per step, compile
-seconds, median step (forward + backward + optimizer step), final loss and whether every
-loss of every rank matches eager ZeRO-3's within 1e-5, peak RSS per rank.
+Main pass: graphs, graph breaks, frames Dynamo ran eagerly, all-gathers per step, peak
+gathered parameter elements, compile seconds, median step (forward + backward + optimizer
+step), final loss and whether every loss of every rank matches eager ZeRO-3's within 1e-5,
+peak RSS per rank.
 
-Diagnostic pass (``--diagnose-ways``, default eager and z3leaf; ``--no-diagnose`` skips it):
-the same run again with timers on rank 0 around DeepSpeed ZeRO-3's per-module
+Diagnostic pass (``--diagnose-ways``, default eager_strict and z3leaf_strict; ``--no-diagnose`` skips
+it): the same run again with timers on rank 0 around DeepSpeed ZeRO-3's per-module
 fetch/release functions, which its forward pre/post hooks and its backward autograd
 functions call for every module, split leaf / non-leaf and forward / backward, plus
 leafpass's ``prefetch_all``; and, for compiled ways, a counting wrapper around the backend
 that counts the compiled forward graphs run per step and the forward time spent inside
-them. It answers "what holds z3leaf back": the per-module hooks of the non-leaf modules,
-which also split the compiled program into many small graphs. Its step times include the
-timers' cost and are not used in the main table.
+them. Its step times include the timers' cost and are not used in the main table.
 
-Prints the table, the goals (z3leaf vs inductor: fewer graphs, fewer breaks, faster steps)
-and the diagnosis; writes ``benchmarks/results/zero3_moe.json`` with the environment
-(load average at start and end included).
+Prints the table, the goals of the gather-policy issue (``step`` <= 0.85x eager ZeRO-3 with
+default limits; the strict-memory z3leaf way <= 0.8x eager with strict limits at no higher
+peak gathered elements; both faster than DeepSpeed + inductor) and the diagnosis; writes
+``benchmarks/results/zero3_moe.json`` with the environment (load average at start and end).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ DIAGNOSTIC = (
     "them, leaf calls included for z3leaf). Medians over the steady steps; the timers add their own cost."
 )
 
+DEFAULT_WAYS = ("eager", "eager_strict", "inductor", "inductor_strict", "z3leaf_step", "z3leaf_strict")
 DEFAULTS = dict(d=256, layers=4, experts=8, top_k=2, tokens=256, steps=20, warmup=2, ranks=2)
 QUICK = dict(d=32, layers=1, experts=4, top_k=2, tokens=16, steps=4, warmup=2, ranks=2)
 
@@ -93,14 +98,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, help=f"experts per token (default {DEFAULTS['top_k']})")
     p.add_argument("--tokens", type=int, help=f"tokens per rank and step (default {DEFAULTS['tokens']})")
     p.add_argument("--ranks", type=int, help=f"CPU ranks (default {DEFAULTS['ranks']})")
-    p.add_argument("--ways", default=",".join(zc.WAYS), help="comma list of eager,inductor,z3leaf")
+    p.add_argument("--ways", default=",".join(DEFAULT_WAYS),
+                   help=f"comma list of {','.join(zc.WAYS)} (default {','.join(DEFAULT_WAYS)})")
     p.add_argument("--inner", choices=zc.INNER_CHOICES, default="inductor", help="z3leaf's inner compiler")
-    p.add_argument("--zero-limits", choices=list(zc.ZERO_PRESETS), default="strict",
-                   help="ZeRO-3 limits preset (default strict: gather at entry, release after use)")
+    p.add_argument("--zero-limits", choices=list(zc.ZERO_PRESETS), default="default",
+                   help="ZeRO-3 limits of every way but eager_strict (default: DeepSpeed's own)")
     p.add_argument("--inductor-cache", choices=("fresh", "shared"), default="fresh",
                    help="fresh: an empty Inductor cache per way (cold, comparable compile times; default)")
     p.add_argument("--diagnose-ways", default=None,
-                   help="ways to run again with hook timers (default eager,z3leaf; quick: z3leaf; empty for none)")
+                   help="ways to run again with hook timers (default eager_strict,z3leaf_strict; quick: "
+                   "z3leaf_strict; empty for none)")
     p.add_argument("--no-diagnose", action="store_true", help="skip the diagnostic pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per way, all ranks (default 1800)")
@@ -122,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.way_list:
         p.error("--ways is empty")
     if args.diagnose_ways is None:
-        args.diagnose_ways = "z3leaf" if args.quick else "eager,z3leaf"
+        args.diagnose_ways = "z3leaf_strict" if args.quick else "eager_strict,z3leaf_strict"
     args.diagnose_list = [] if args.no_diagnose else ways(args.diagnose_ways)
     return args
 
@@ -151,7 +158,8 @@ def table_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         c.update({k: r.get(k) for k in ("graphs", "graph_breaks", "frames_skipped", "all_gathers_per_step")})
         c["all_gathers_per_step"] = f"{r['all_gathers_per_step']:g}"
-        c["compile_s"] = "-" if r["way"] == "eager" else common.fmt(r["compile_s"], 1)  # nothing compiles
+        c["peak_gathered_elements"] = f"{r['peak_gathered_elements']:g}"
+        c["compile_s"] = "-" if r["backend"] is None else common.fmt(r["compile_s"], 1)  # nothing compiles
         c["median_step_ms"] = common.fmt(r["median_step_ms"], 1)
         c["median_step_cpu_ms"] = common.fmt(r["median_step_cpu_ms"], 1)
         ph = r["phase_ms"]
@@ -191,35 +199,52 @@ def diagnosis_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """z3leaf against inductor (fewer graphs, fewer breaks, faster steps) and its gap to eager."""
+    """The gather-policy goals: z3leaf ``step`` <= 0.85x eager ZeRO-3 (default limits); the
+    strict-memory z3leaf way <= 0.8x eager ZeRO-3 with strict limits at no higher peak gathered
+    elements; both faster than DeepSpeed + inductor; and one graph, zero breaks for ``step``."""
     by = {r["way"]: r for r in rows if not r.get("error")}
-    z3, ind, eager = by.get("z3leaf"), by.get("inductor"), by.get("eager")
+    eager, strict = by.get("eager"), by.get("eager_strict")
+    ind = by.get("inductor") or by.get("inductor_strict")
+    step, hooks = by.get("z3leaf_step"), by.get("z3leaf_strict") or by.get("z3leaf_hooks")
     out: dict[str, Any] = {}
-    if z3 and ind:
-        out["fewer_graphs"] = {"z3leaf": z3["graphs"], "inductor": ind["graphs"], "met": z3["graphs"] < ind["graphs"]}
-        z3_b, ind_b = z3["graph_breaks"], ind["graph_breaks"]
-        out["fewer_breaks"] = {"z3leaf": z3_b, "inductor": ind_b, "met": z3_b < ind_b,
-                               "z3leaf_with_frames_run_eagerly": z3_b + z3["frames_skipped"],
-                               "inductor_with_frames_run_eagerly": ind_b + ind["frames_skipped"]}
-        ratio = z3["median_step_ms"] / ind["median_step_ms"]
-        cpu_ratio = z3["median_step_cpu_ms"] / ind["median_step_cpu_ms"]
-        out["faster_steps"] = {"z3leaf_ms": z3["median_step_ms"], "inductor_ms": ind["median_step_ms"],
-                               "ratio": ratio, "met": ratio < 1.0,
-                               "z3leaf_cpu_ms": z3["median_step_cpu_ms"], "inductor_cpu_ms": ind["median_step_cpu_ms"],
-                               "cpu_ratio": cpu_ratio, "met_cpu": cpu_ratio < 1.0}
-    if z3 and eager:
-        out["gap_to_eager"] = {"z3leaf_ms": z3["median_step_ms"], "eager_ms": eager["median_step_ms"],
-                               "ratio": z3["median_step_ms"] / eager["median_step_ms"],
-                               "extra_ms": z3["median_step_ms"] - eager["median_step_ms"],
-                               "z3leaf_cpu_ms": z3["median_step_cpu_ms"], "eager_cpu_ms": eager["median_step_cpu_ms"],
-                               "cpu_ratio": z3["median_step_cpu_ms"] / eager["median_step_cpu_ms"]}
+
+    def ratio(a, b, key="median_step_ms"):
+        return a[key] / b[key]
+
+    if step and eager:
+        r = ratio(step, eager)
+        out["step_vs_eager_default"] = {"z3leaf_step_ms": step["median_step_ms"], "eager_ms": eager["median_step_ms"],
+                                        "ratio": r, "goal": 0.85, "met": r <= 0.85,
+                                        "cpu_ratio": ratio(step, eager, "median_step_cpu_ms")}
+    if step:
+        out["step_one_graph"] = {"graphs": step["graphs"], "graph_breaks": step["graph_breaks"],
+                                 "met": step["graphs"] == 1 and step["graph_breaks"] == 0}
+    if hooks and strict:
+        r = ratio(hooks, strict)
+        peak_ok = hooks["peak_gathered_elements"] <= strict["peak_gathered_elements"]
+        out["strict_memory_vs_eager_strict"] = {
+            "way": f"{hooks['way']} (gather={hooks.get('gather')}; gather='module' is not built yet)",
+            "z3leaf_ms": hooks["median_step_ms"], "eager_strict_ms": strict["median_step_ms"], "ratio": r,
+            "goal": 0.8, "met_time": r <= 0.8, "cpu_ratio": ratio(hooks, strict, "median_step_cpu_ms"),
+            "peak_gathered": hooks["peak_gathered_elements"], "eager_strict_peak_gathered":
+            strict["peak_gathered_elements"], "met_memory": peak_ok, "met": r <= 0.8 and peak_ok,
+        }
+    if ind:
+        for name, row in (("step", step), ("hooks", hooks)):
+            if row:
+                r = ratio(row, ind)
+                out[f"{name}_vs_inductor"] = {"z3leaf_ms": row["median_step_ms"], "inductor_ms": ind["median_step_ms"],
+                                              "inductor_way": ind["way"],
+                                              "ratio": r, "met": r < 1.0,
+                                              "cpu_ratio": ratio(row, ind, "median_step_cpu_ms")}
     return out
 
 
 def explain_gap(rows: list[dict[str, Any]], diag: list[dict[str, Any]]) -> dict[str, Any] | None:
     """From the diagnostic pass: hook time per step and the step without it, z3leaf vs eager."""
     by = {r["way"]: r for r in diag if not r.get("error") and r.get("hooks")}
-    z3, eager = by.get("z3leaf"), by.get("eager")
+    z3 = next((by[w] for w in ("z3leaf_strict", "z3leaf_hooks", "z3leaf", "z3leaf_step") if w in by), None)
+    eager = by.get("eager_strict") or by.get("eager")
     if not z3:
         return None
     h = z3["hooks"]
@@ -251,22 +276,29 @@ def explain_gap(rows: list[dict[str, Any]], diag: list[dict[str, Any]]) -> dict[
 
 def gap_lines(g: dict[str, Any], gap: dict[str, Any] | None) -> list[str]:
     lines = []
-    if "fewer_graphs" in g:
-        fg, fb, fs = g["fewer_graphs"], g["fewer_breaks"], g["faster_steps"]
-        lines.append(f"- fewer graphs than inductor: {fg['z3leaf']} vs {fg['inductor']} "
-                     f"({'met' if fg['met'] else 'NOT met'})")
-        lines.append(f"- fewer graph breaks than inductor: {fb['z3leaf']} vs {fb['inductor']} "
-                     f"({'met' if fb['met'] else 'NOT met'}); with frames Dynamo ran eagerly: "
-                     f"{fb['z3leaf_with_frames_run_eagerly']} vs {fb['inductor_with_frames_run_eagerly']}")
-        lines.append(f"- faster steps than inductor: {fs['z3leaf_ms']:.1f} vs {fs['inductor_ms']:.1f} ms "
-                     f"({fs['ratio']:.2f}x, {'met' if fs['met'] else 'NOT met'}); CPU time "
-                     f"{fs['z3leaf_cpu_ms']:.1f} vs {fs['inductor_cpu_ms']:.1f} ms "
-                     f"({fs['cpu_ratio']:.2f}x, {'met' if fs['met_cpu'] else 'NOT met'})")
-    if "gap_to_eager" in g:
-        ge = g["gap_to_eager"]
-        lines.append(f"- gap to eager ZeRO-3: {ge['z3leaf_ms']:.1f} vs {ge['eager_ms']:.1f} ms "
-                     f"({ge['ratio']:.2f}x, {ge['extra_ms']:+.1f} ms per step); CPU time "
-                     f"{ge['z3leaf_cpu_ms']:.1f} vs {ge['eager_cpu_ms']:.1f} ms ({ge['cpu_ratio']:.2f}x)")
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    if "step_vs_eager_default" in g:
+        x = g["step_vs_eager_default"]
+        lines.append(f"- gather='step' <= 0.85x eager ZeRO-3 (default limits): {x['z3leaf_step_ms']:.1f} vs "
+                     f"{x['eager_ms']:.1f} ms ({x['ratio']:.2f}x, {met(x['met'])}; CPU time {x['cpu_ratio']:.2f}x)")
+    if "step_one_graph" in g:
+        x = g["step_one_graph"]
+        lines.append(f"- gather='step' one graph, zero breaks: {x['graphs']} graph(s), {x['graph_breaks']} breaks "
+                     f"({met(x['met'])})")
+    if "strict_memory_vs_eager_strict" in g:
+        x = g["strict_memory_vs_eager_strict"]
+        lines.append(f"- strict memory <= 0.8x eager ZeRO-3 (strict limits) at no higher peak gathered elements, "
+                     f"measured with {x['way']}: {x['z3leaf_ms']:.1f} vs {x['eager_strict_ms']:.1f} ms "
+                     f"({x['ratio']:.2f}x, {met(x['met_time'])}), peak gathered {x['peak_gathered']:g} vs "
+                     f"{x['eager_strict_peak_gathered']:g} ({met(x['met_memory'])})")
+    for name in ("step", "hooks"):
+        x = g.get(f"{name}_vs_inductor")
+        if x:
+            lines.append(f"- gather='{name}' faster than DeepSpeed + inductor ({x['inductor_way']}): {x['z3leaf_ms']:.1f} vs "
+                         f"{x['inductor_ms']:.1f} ms ({x['ratio']:.2f}x, {met(x['met'])}; CPU {x['cpu_ratio']:.2f}x)")
     if gap:
         lines.append(
             f"- what holds z3leaf back (diagnostic pass, rank 0, per step): DeepSpeed's hooks of the non-leaf "
@@ -309,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(row: dict[str, Any]) -> None:
         if row.get("error"):
-            print(f"  {row['way']:8s} FAILED: {row['error']}", flush=True)
+            print(f"  {row['way']:12s} FAILED: {row['error']}", flush=True)
         else:
-            print(f"  {row['way']:8s} graphs={row['graphs']} breaks={row['graph_breaks']} "
+            print(f"  {row['way']:12s} graphs={row['graphs']} breaks={row['graph_breaks']} "
                   f"compile={row['compile_s']:.1f}s step={row['median_step_ms']:.1f}ms ({row['wall_s']:.0f}s)",
                   flush=True)
 
@@ -341,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(diag_table)
     print()
-    print("goals (z3leaf vs DeepSpeed + inductor) and what holds z3leaf back:")
+    print("goals (gather policies vs eager ZeRO-3 and DeepSpeed + inductor) and what holds z3leaf back:")
     for line in gap_lines(g, gap):
         print(line)
     print(f"\nload average: start {load_start}, end {load_end} ({os.cpu_count()} cpus)")

@@ -163,15 +163,16 @@ def backend_options(compiler_fn) -> dict | None:
     """The z3leaf options ``compiler_fn`` will compile with, or None if it is not leafpass's.
 
     Options bound by :func:`leafpass.make_backend` are overridden by ``options=`` given to
-    ``torch.compile``, as the backend itself merges them.
+    ``torch.compile``, as the backend itself merges them; a wrapper around the backend that
+    passes options of its own declares them as ``_leafpass_options``.
     """
     given: dict = {}
-    for fn in internals.backend_chain(compiler_fn):
-        options = internals.torch_compile_options(fn)
-        if options is not None:
-            given = {**options, **given}
+    for fn in internals.backend_chain(compiler_fn):  # outermost first: outer options win
+        for options in (internals.torch_compile_options(fn), getattr(fn, "_leafpass_options", None)):
+            if isinstance(options, dict):
+                given = {**options, **given}
         if getattr(fn, "_leafpass_backend", False):
-            return {**getattr(fn, "_leafpass_options", {}), **given}
+            return given
     return None
 
 

@@ -1,16 +1,17 @@
 """Who gathers the parameters of non-leaf modules: the ``gather`` option of ``z3leaf``.
 
-Leaves are always gathered whole by their ``prefetch_all``. The parameters of every
-other module of a partitioned model (embeddings, attention, norms, routers) are
-gathered according to ``options={"gather": ...}``:
+Leaves are always gathered whole at their entry (their ``prefetch_all``). The
+parameters of every other module of a partitioned model (embeddings, attention, norms,
+routers) are gathered according to ``options={"gather": ...}``:
 
 ``"step"``
-    leafpass gathers all of them in ONE coalesced all-gather just before the compiled
-    forward is entered, and releases them once backward has finished. The engine's
+    leafpass gathers the whole model in ONE coalesced all-gather just before the
+    compiled forward is entered (the leaves' parameters too, so their ``prefetch_all``
+    finds them gathered), and releases it once backward has finished. The engine's
     per-module hooks are kept out of the compiled call, so Dynamo sees plain modules
     with whole parameters: one graph per forward, no graph breaks, and guards that see
-    the same full shapes every step. Costs the memory of the whole non-leaf model
-    between forward and backward.
+    the same full shapes every step. Costs the memory of the whole model between forward
+    and backward.
 ``"hooks"``
     the engine's own module hooks gather each module at its entry, as in eager ZeRO-3.
     They cannot be compiled, so every hooked module is a graph break (the behaviour of
@@ -25,7 +26,7 @@ of an engine that leafpass can gather for (only DeepSpeed ZeRO-3 today), and the
 gatherer wraps the call::
 
     engine(x) -> model(x)                                    # eager: capture wrapper
-                   gather non-leaf params (1 all-gather)     # "step"
+                   gather every param (1 all-gather)         # "step"
                    engine hooks of non-leaf modules off
                    compiled frame: ONE graph
                    hooks back on; release after backward
@@ -43,7 +44,7 @@ __all__ = ["GATHER_POLICIES", "check_gather", "gather_stats", "root_gatherer"]
 
 GATHER_POLICIES: Mapping[str, str] = {
     "auto": "'step' when the whole model fits under the engine's live-parameter cap, else 'hooks'",
-    "step": "gather every non-leaf parameter in one collective before the compiled forward, release after backward",
+    "step": "gather the whole model in one collective before the compiled forward, release it after backward",
     "hooks": "let the engine's module hooks gather each module (a graph break per hooked module)",
 }
 

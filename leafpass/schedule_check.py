@@ -84,20 +84,22 @@ def check_same_schedule(schedule: list[tuple[str, int]]) -> None:
     )
 
 
-def check_same_gather(gather: list[tuple[int, int]]) -> None:
+def check_same_gather(gather: list[tuple[int, int, bool]]) -> None:
     """With world size > 1: raise on every rank if the ranks would gather different
-    non-leaf parameters before the compiled forward (``(ds_id, numel)`` in order)."""
+    parameters before the compiled forward, or hand different ones to leaves
+    (``(ds_id, numel, inside a leaf)`` in order)."""
     schedules = _schedules_if_different(gather)
     if schedules is None:
         return
-    sizes = ", ".join(f"rank {r}: {len(s)} parameters" for r, s in enumerate(schedules))
+    sizes = ", ".join(
+        f"rank {r}: {len(s)} parameters, {sum(1 for e in s if e[2])} inside leaves" for r, s in enumerate(schedules)
+    )
     first = min(
         (i for i in range(max(len(s) for s in schedules)) if len({tuple(s[i]) if i < len(s) else None for s in schedules}) > 1),
         default=None,
     )
     raise LeafScheduleMismatch(
-        f"leafpass: ranks would gather different non-leaf parameters before the compiled forward "
-        f"(gather='step') -- {sizes}; first difference at position {first}. The ranks flag "
-        f"different leaf modules: flag the same modules on every rank, before deepspeed.initialize "
-        f"and torch.compile."
+        f"leafpass: ranks would gather different parameters before the compiled forward, or flag "
+        f"different leaves (gather='step') -- {sizes}; first difference at position {first}. "
+        f"Flag the same modules on every rank, before deepspeed.initialize and torch.compile."
     )

@@ -2,15 +2,20 @@
 
 The same :class:`~leafpass.testing.models.MoEStack` and the same data, trained under
 DeepSpeed ZeRO-3 on N CPU ranks (gloo, :func:`leafpass.testing.distributed.run_ranks`),
-three ways:
+in several ways (:data:`WAY_SETUPS`):
 
-* ``eager``: the engine as DeepSpeed builds it, not compiled;
+* ``eager``: the engine as DeepSpeed builds it, not compiled, with the spec's ZeRO-3
+  limits (DeepSpeed's defaults unless ``zero_limits`` says otherwise);
+* ``eager_strict``: the same with strict limits (gather each module at its entry, release
+  it after use: ZeRO-3 when the model does not fit);
 * ``inductor``: ``engine.compile(backend="inductor")``: Dynamo inlines every module, so
   the MoE routing (``nonzero``, a Python ``if`` on a token count) and DeepSpeed's module
   hooks break the graph;
-* ``z3leaf``: ``engine.compile(backend="z3leaf")`` (inner compiler inductor unless
-  ``inner`` says otherwise): every ``MoEBlock`` stays opaque, gathered by one
-  ``prefetch_all`` (one coalesced all-gather) per call.
+* ``z3leaf``, ``z3leaf_step``, ``z3leaf_hooks``: ``engine.compile(backend="z3leaf")``
+  (inner compiler inductor unless ``inner`` says otherwise) with ``gather`` ``auto``,
+  ``step`` or ``hooks``: every ``MoEBlock`` stays opaque, gathered by one
+  ``prefetch_all`` per call; the other modules are gathered in one all-gather before the
+  compiled forward (``step``) or by DeepSpeed's module hooks (``hooks``).
 
 ::
 
@@ -55,6 +60,7 @@ __all__ = [
     "INNER_CHOICES",
     "LOSS_TOLERANCE",
     "WAYS",
+    "WAY_SETUPS",
     "ZERO_PRESETS",
     "CompareSpec",
     "DeepSpeedMissing",
@@ -65,7 +71,19 @@ __all__ = [
     "run_way",
 ]
 
-WAYS = ("eager", "inductor", "z3leaf")
+WAYS = ("eager", "eager_strict", "inductor", "inductor_strict", "z3leaf", "z3leaf_step", "z3leaf_strict",
+        "z3leaf_hooks")
+# way -> (backend, ZeRO-3 limits preset or None for the spec's, z3leaf's gather option)
+WAY_SETUPS: dict[str, tuple[str | None, str | None, str | None]] = {
+    "eager": (None, None, None),
+    "eager_strict": (None, "strict", None),
+    "inductor": ("inductor", None, None),
+    "inductor_strict": ("inductor", "strict", None),
+    "z3leaf": ("z3leaf", None, "auto"),
+    "z3leaf_step": ("z3leaf", None, "step"),
+    "z3leaf_strict": ("z3leaf", "strict", "auto"),
+    "z3leaf_hooks": ("z3leaf", None, "hooks"),
+}
 INNER_CHOICES = ("inductor", "aot_eager", "eager")
 LOSS_TOLERANCE = 1e-5  # max |loss - eager loss| over every step of every rank
 
@@ -79,6 +97,13 @@ ZERO_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 DEFINITIONS = {
+    "way": "eager: the engine not compiled; inductor: engine.compile(backend='inductor'); z3leaf: "
+    "engine.compile(backend='z3leaf') with gather='auto'; z3leaf_step / z3leaf_hooks: the same with "
+    "gather='step' / 'hooks'; a _strict suffix: with strict ZeRO-3 limits instead of the spec's",
+    "zero_limits": "the ZeRO-3 limits preset the way ran with (ZERO_PRESETS)",
+    "gather": "z3leaf ways: the gather policy leafpass ran with (gather='auto' resolved)",
+    "peak_gathered_elements": "most ZeRO-3 parameter elements gathered at once during a steady step, max over "
+    "ranks (leafpass.runtime.deepspeed_probe.GatheredElementsTracker; persistent parameters left out)",
     "graphs": "graphs Dynamo compiled in rank 0 over the whole run "
     "(torch._dynamo.utils.counters['stats']['unique_graphs']); 0 for eager",
     "graph_breaks": "graph breaks in rank 0 over the whole run (sum of counters['graph_break']); 0 for eager",
@@ -142,7 +167,7 @@ class CompareSpec:
     inner: str = "inductor"  # z3leaf's compiler for the non-leaf pieces
     seed: int = 0
     lr: float = 0.1
-    zero_limits: str = "strict"  # a ZERO_PRESETS name
+    zero_limits: str = "default"  # a ZERO_PRESETS name (ways named *_strict use "strict")
     zero: dict[str, Any] = dataclasses.field(default_factory=dict)  # more zero3_config kwargs
     hook_timing: bool = False
     quiet: bool = True  # silence DeepSpeed's info logs and Dynamo's recompile-limit warnings
@@ -175,9 +200,10 @@ class CompareSpec:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def zero_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`~leafpass.testing.distributed.zero3_config`."""
-        return {**ZERO_PRESETS[self.zero_limits], **self.zero}
+    def zero_kwargs(self, limits: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for :func:`~leafpass.testing.distributed.zero3_config`, with the
+        ``limits`` preset (a way's own) instead of ``zero_limits`` if given."""
+        return {**ZERO_PRESETS[limits or self.zero_limits], **self.zero}
 
     def model_config(self) -> dict[str, Any]:
         return {
@@ -273,6 +299,7 @@ class _CountingBackend:
         self.__wrapped__ = self.backend  # leafpass recognises its backend through wrappers
         self.__name__ = getattr(self.backend, "__name__", str(backend))
         self.options = options
+        self._leafpass_options = options or {}  # what leafpass reads before the frame is entered
         self.runs = 0
         self.seconds = 0.0
 
@@ -362,7 +389,8 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
 
     limit_hits = _quiet_logs(spec.quiet)
 
-    from .runtime.deepspeed_probe import count_collectives
+    from .gather import gather_stats
+    from .runtime.deepspeed_probe import GatheredElementsTracker, count_collectives
     from .testing.distributed import zero3_config
     from .testing.models import MoEBlock, MoEStack
 
@@ -375,17 +403,20 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
     model = MoEStack(spec.d, spec.n_layers, spec.n_experts, spec.top_k, spec.hidden)
     deepspeed.utils.set_z3_leaf_modules(model, [MoEBlock])  # before deepspeed.initialize
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=zero3_config(1, **spec.zero_kwargs()))
+    way_backend, way_limits, way_gather = WAY_SETUPS[way]
+    config = zero3_config(1, **spec.zero_kwargs(way_limits))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 
     counting = None
-    if way != "eager":
-        backend: Any = way
+    if way_backend is not None:
+        backend: Any = way_backend
         compile_kwargs: dict[str, Any] = {}
-        if way == "z3leaf" and spec.inner != "inductor":
-            compile_kwargs["options"] = {"inner": spec.inner}
+        if way_backend == "z3leaf":
+            compile_kwargs["options"] = {"inner": spec.inner, "gather": way_gather}
         if spec.hook_timing:
-            backend = counting = _CountingBackend(way, compile_kwargs.pop("options", None))
+            backend = counting = _CountingBackend(way_backend, compile_kwargs.pop("options", None))
         engine.compile(backend=backend, compile_kwargs=compile_kwargs)
+    tracker = GatheredElementsTracker(engine.module)
 
     timer = None
     if spec.hook_timing and rank == 0:
@@ -402,8 +433,10 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
     hook_calls: list[dict[str, int]] = []
     graph_runs: list[dict[str, float]] = []
     graphs_after_first = breaks_after_first = None
-    with count_collectives() as coll:
+    peak_gathered: list[int] = []
+    with count_collectives() as coll, tracker:
         for step in range(spec.steps):
+            tracker.reset()
             x, target = _batch(spec.seed, rank, step, spec.tokens, spec.d)
             before = coll.snapshot()
             hooks_before = timer.snapshot() if timer else None
@@ -417,6 +450,8 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
             engine.step()
             t3 = time.perf_counter()
             step_cpu_s.append(time.process_time() - c0)
+            tracker.sample()
+            peak_gathered.append(tracker.peak)
             losses.append(float(loss.detach()))
             step_s.append(t3 - t0)
             phases.append({"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2})
@@ -465,13 +500,17 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
         "graph_runs": graph_runs,
         "setup_s": setup_s,
         "peak_rss_mb": _rss_mb(),
+        "peak_gathered": peak_gathered,
+        "zero_limits": way_limits or spec.zero_limits,
+        "gather": getattr(gather_stats(engine.module), "policy", None) if way_backend == "z3leaf" else None,
     }
 
 
 # ---------------------------------------------------------------------------- parent side
 
 _ROW_KEYS = (
-    "way", "backend", "inner", "graphs", "graph_breaks", "all_gathers_per_step", "compile_s",
+    "way", "backend", "inner", "zero_limits", "gather", "peak_gathered_elements", "graphs", "graph_breaks",
+    "all_gathers_per_step", "compile_s",
     "first_step_compile_s", "first_step_s", "median_step_ms", "median_step_cpu_ms",
     "median_step_cpu_ms_per_rank", "final_loss", "losses", "losses_match_eager", "loss_max_abs_diff",
     "step_vs_eager", "graphs_after_first_step", "graph_breaks_after_first_step", "graph_break_reasons",
@@ -536,8 +575,11 @@ def _row(way: str, spec: CompareSpec, ranks: list[dict[str, Any]], wall_s: float
     gathers = [c.get("all_gather", 0) for c in r0["collectives"][steady]]
     row: dict[str, Any] = {
         "way": way,
-        "backend": {"eager": None, "inductor": "inductor", "z3leaf": "z3leaf"}[way],
-        "inner": spec.inner if way == "z3leaf" else None,
+        "backend": WAY_SETUPS[way][0],
+        "inner": spec.inner if WAY_SETUPS[way][0] == "z3leaf" else None,
+        "zero_limits": r0["zero_limits"],
+        "gather": r0["gather"],
+        "peak_gathered_elements": max((max(r["peak_gathered"][steady]) for r in ranks), default=None),
         "graphs": r0["graphs"],
         "graph_breaks": r0["graph_breaks"],
         "all_gathers_per_step": _median(gathers),
@@ -624,7 +666,7 @@ def _failed_row(way: str, spec: CompareSpec, exc: Exception, wall_s: float) -> d
         tb_lines = [ln for ln in lines if not ln.startswith(("File ", "^", "rank ")) and ":" in ln]
         reason = next((ln for ln in reversed(tb_lines[: _first_other_rank(lines)]) if ln), lines[-1] if lines else "?")
     row = {key: None for key in _ROW_KEYS}
-    row.update(way=way, backend=None if way == "eager" else way, inner=spec.inner if way == "z3leaf" else None,
+    row.update(way=way, backend=WAY_SETUPS[way][0], inner=spec.inner if WAY_SETUPS[way][0] == "z3leaf" else None,
                error=reason[:300], error_text=text, wall_s=wall_s, hook_timing=spec.hook_timing)
     return row
 
@@ -695,6 +737,7 @@ TABLE_COLUMNS = [
     ("graph_breaks", "graph breaks"),
     ("frames_skipped", "frames run eagerly"),
     ("all_gathers_per_step", "all-gathers/step"),
+    ("peak_gathered_elements", "peak gathered elems"),
     ("compile_s", "compile s"),
     ("median_step_ms", "median step ms"),
     ("median_step_cpu_ms", "step CPU ms"),
@@ -704,7 +747,16 @@ TABLE_COLUMNS = [
 ]
 
 
-WAY_LABELS = {"eager": "eager ZeRO-3", "inductor": "inductor", "z3leaf": "z3leaf"}
+WAY_LABELS = {
+    "eager": "eager ZeRO-3",
+    "eager_strict": "eager ZeRO-3, strict limits",
+    "inductor": "engine.compile(inductor)",
+    "inductor_strict": "engine.compile(inductor), strict",
+    "z3leaf": "z3leaf (gather auto)",
+    "z3leaf_step": "z3leaf gather=step",
+    "z3leaf_strict": "z3leaf, strict (auto: hooks)",
+    "z3leaf_hooks": "z3leaf gather=hooks",
+}
 
 
 def _cell(key: str, value: Any) -> str:
@@ -722,7 +774,7 @@ def _cell(key: str, value: Any) -> str:
         return f"{value:.1f}"
     if key == "final_loss":
         return f"{value:.6f}"
-    if key == "all_gathers_per_step":
+    if key in ("all_gathers_per_step", "peak_gathered_elements"):
         return f"{value:g}"
     if isinstance(value, float):
         return f"{value:.2f}"
@@ -747,38 +799,32 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 
 def reading(rows: Sequence[dict[str, Any]]) -> str:
-    """One paragraph that reads the table: graphs/breaks, step times, all-gathers, losses."""
+    """One paragraph that reads the table: graphs/breaks, step times against eager ZeRO-3 (with
+    the spec's limits and with strict ones), all-gathers, peak gathered elements, losses."""
     ok = [r for r in rows if not r.get("error")]
     by = {r["way"]: r for r in ok}
-    eager, ind, z3 = by.get("eager"), by.get("inductor"), by.get("z3leaf")
+    eager, strict = by.get("eager"), by.get("eager_strict")
     parts = []
-    if z3 and ind:
-        ratio = z3["median_step_ms"] / ind["median_step_ms"]
-        parts.append(
-            f"z3leaf: {z3['graphs']} graphs / {z3['graph_breaks']} breaks vs inductor's "
-            f"{ind['graphs']} / {ind['graph_breaks']} (frames Dynamo ran eagerly: {z3['frames_skipped']} vs "
-            f"{ind['frames_skipped']})"
-        )
-        cpu_ratio = z3["median_step_cpu_ms"] / ind["median_step_cpu_ms"]
-        parts.append(
-            f"median step {z3['median_step_ms']:.1f} ms vs inductor's {ind['median_step_ms']:.1f} ms "
-            f"({ratio:.2f}x: {'faster' if ratio < 1 else 'not faster'}; CPU time {cpu_ratio:.2f}x), "
-            f"compile {z3['compile_s']:.1f} s vs {ind['compile_s']:.1f} s"
-        )
-    else:
-        for r in (z3, ind):
-            if r:
-                parts.append(f"{r['way']}: {r['graphs']} graphs / {r['graph_breaks']} breaks, "
-                             f"median step {r['median_step_ms']:.1f} ms, compile {r['compile_s']:.1f} s")
-    if eager:
-        for r in (z3, ind):
-            if r:
-                parts.append(f"{r['way']}'s step is {r['median_step_ms'] / eager['median_step_ms']:.2f}x eager "
-                             f"ZeRO-3's {eager['median_step_ms']:.1f} ms (CPU time "
-                             f"{r['median_step_cpu_ms'] / eager['median_step_cpu_ms']:.2f}x)")
+    for r in ok:
+        if r["backend"] is None:
+            continue
+        text = f"{r['way']}: {r['graphs']} graphs / {r['graph_breaks']} breaks"
+        if r.get("gather"):
+            text += f" (gather={r['gather']})"
+        text += f", median step {r['median_step_ms']:.1f} ms"
+        for ref in (eager, strict):
+            if ref:
+                text += (f", {r['median_step_ms'] / ref['median_step_ms']:.2f}x {ref['way']} "
+                         f"(CPU {r['median_step_cpu_ms'] / ref['median_step_cpu_ms']:.2f}x)")
+        parts.append(text + f", compile {r['compile_s']:.1f} s")
+    for r in ok:
+        if r["backend"] is None:
+            parts.append(f"{r['way']}: median step {r['median_step_ms']:.1f} ms")
     if ok:
         gathers = ", ".join(f"{r['way']} {_cell('all_gathers_per_step', r['all_gathers_per_step'])}" for r in ok)
         parts.append(f"all-gathers per step: {gathers}")
+        peaks = ", ".join(f"{r['way']} {_cell('peak_gathered_elements', r.get('peak_gathered_elements'))}" for r in ok)
+        parts.append(f"peak gathered elements: {peaks}")
     if eager:
         match = [
             f"{r['way']} {'yes' if r['losses_match_eager'] else 'NO'} (max diff {r['loss_max_abs_diff']:.1e})"

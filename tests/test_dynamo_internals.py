@@ -141,3 +141,37 @@ def test_first_compile_and_recompile_are_told_apart():
     compiled(torch.randn(2), 2)  # the int is guarded: a recompile of the same frame
     assert seen == [True, False]
     assert internals.is_first_compile_of_frame()  # outside compilation
+
+
+def test_compiled_function_callback_and_the_backend_options_behind_it():
+    module = torch.nn.Linear(2, 2)
+    module.compile(backend="z3leaf", options={"gather": "step"})
+    callback = internals.compiled_function_callback(module._compiled_call_impl)
+    assert callback is not None
+    chain = list(internals.backend_chain(callback))
+    assert any(getattr(fn, "_leafpass_backend", False) for fn in chain), [type(fn).__name__ for fn in chain]
+    options = [internals.torch_compile_options(fn) for fn in chain]
+    assert {"gather": "step"} in options, options
+    assert internals.compiled_function_callback(lambda: None) is None
+    assert internals.torch_compile_options(object()) is None
+
+
+def test_eval_frame_callback_builtin_makes_no_python_frame():
+    builtin = internals.eval_frame_callback_builtin()
+    assert type(builtin).__name__ == "builtin_function_or_method"
+    assert builtin() == internals.eval_frame_callback()
+
+
+def test_queue_end_of_backward_callback_runs_after_the_whole_backward():
+    order = []
+    x = torch.ones(2, requires_grad=True)
+    y = x * 2
+
+    def hook(grad):
+        order.append("hook")
+        internals.queue_end_of_backward_callback(lambda: order.append(("end", x.grad is not None)))
+        return grad
+
+    y.register_hook(hook)
+    y.sum().backward()
+    assert order == ["hook", ("end", True)]

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["CollectiveCounter", "CollectiveEvent", "count_collectives"]
+__all__ = ["CollectiveCounter", "CollectiveEvent", "GatheredElementsTracker", "count_collectives"]
 
 # ProcessGroup method -> kind. Methods a torch build lacks are skipped.
 _METHOD_KINDS = {
@@ -193,3 +193,51 @@ def count_collectives() -> Iterator[CollectiveCounter]:
             _active.remove(counter)
             if not _active:
                 _uninstall()
+
+
+class GatheredElementsTracker:
+    """The most ZeRO-3 parameter elements gathered (AVAILABLE) at once, over a span.
+
+    The number of gathered elements only falls when a parameter is partitioned again, so
+    its peak is reached right before some release: the tracker wraps each parameter's
+    ``partition`` method (which DeepSpeed 0.19.x attaches to every ZeRO-3 parameter, in
+    ``partition_parameters.py``, ``_convert_to_deepspeed_param``; every release ends there)
+    and sums the AVAILABLE, non-persistent parameters of the model before each call, and
+    once more at :meth:`sample`. Persistent parameters (below
+    ``stage3_param_persistence_threshold``) are never partitioned and are left out.
+    """
+
+    def __init__(self, model) -> None:
+        self.params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+        self.peak = 0
+        self._originals: list[tuple[Any, Any]] = []
+
+    def current(self) -> int:
+        return sum(int(p.ds_numel) for p in self.params
+                   if not p.ds_persist and p.ds_status.name == "AVAILABLE")
+
+    def sample(self) -> int:
+        now = self.current()
+        self.peak = max(self.peak, now)
+        return now
+
+    def reset(self) -> None:
+        self.peak = 0
+
+    def __enter__(self) -> "GatheredElementsTracker":
+        for p in self.params:
+            original = p.partition
+
+            @functools.wraps(original)
+            def partition(*args, _original=original, **kwargs):
+                self.sample()
+                return _original(*args, **kwargs)
+
+            self._originals.append((p, original))
+            p.partition = partition
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p, original in self._originals:
+            p.partition = original
+        self._originals.clear()

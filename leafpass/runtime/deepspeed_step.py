@@ -1,4 +1,4 @@
-"""Gather a DeepSpeed ZeRO-3 model's non-leaf parameters once per step (``gather="step"``).
+"""Gather a DeepSpeed ZeRO-3 model once per step (``gather="step"``).
 
 DeepSpeed gathers each module's parameters in hooks on that module. The hooks are
 ``torch.compiler.disable``d, so under ``torch.compile`` every hooked module is a graph
@@ -7,22 +7,26 @@ leaves, at the root, around the compiled call::
 
     model(x)                             capture wrapper, eager, before Dynamo's frame
       reset_step()                       what DeepSpeed's start-of-forward hook does
-      gather non-leaf params             ONE coalesced all-gather (per dtype/group)
+      gather every parameter             ONE coalesced all-gather (per dtype/group),
+                                         the leaves' parameters included
       DeepSpeed hooks of non-leaf        taken out of their modules' hook dicts
         modules off                      for the duration of the call
       compiled frame                     Dynamo sees plain modules with whole params:
         [non-leaf ops]                   one graph, zero breaks, and guards that see
         prefetch_all moe, moe(...)       the same full shapes every step; leaves still
-        [non-leaf ops]                   run with their DeepSpeed hooks (gather/release)
+        [non-leaf ops]                   run with their DeepSpeed hooks; prefetch_all
+                                         finds their parameters gathered
       hooks back on
     loss.backward()                      DeepSpeed's per-parameter gradient hooks reduce
       end of backward: release           the gradients the compiled backward produces;
                                          then leafpass partitions the params again
 
-Parameters are always gathered fresh at the next call: DeepSpeed's optimizer step
+Leaves stay DeepSpeed's in every other respect: under strict limits DeepSpeed's hooks
+release a leaf after its forward and gather it again for its backward, as in eager
+ZeRO-3. Parameters are gathered fresh at every call: DeepSpeed's optimizer step
 partitions every parameter (``partition_all_parameters``) before it updates them, so
-nothing gathered can go stale. A forward with no backward (no grad, or outputs that
-need none) releases at once.
+nothing gathered can go stale. A forward with no backward (no grad, or outputs that need
+none) releases at once.
 
 ``auto`` picks ``step`` when the whole model fits under ``stage3_max_live_parameters``,
 the cap DeepSpeed itself would keep; otherwise the call goes through DeepSpeed's hooks
@@ -142,15 +146,20 @@ class DeepSpeedStepGatherer:
         if chosen == "hooks":
             return None
         modules = _outside_leaves(root)
+        # Every parameter, the leaves' too: one collective for the whole step, as eager ZeRO-3
+        # with a complete trace prefetches a model that fits its limits; each leaf's
+        # prefetch_all then finds its parameters gathered.
         params = _dedupe(
-            p for m in modules for p in (*m.parameters(recurse=False), *ds.external_parameters(m)) if ds.partitioned(p)
+            p for m in root.modules() for p in (*m.parameters(recurse=False), *ds.external_parameters(m))
+            if ds.partitioned(p)
         )
         if self._pending is not None:  # the previous step's forward had no backward
             self._release()
         ds.start_of_forward(self._owner)
         if not self._checked:
             self._checked = True
-            check_same_gather([(int(p.ds_id), int(p.ds_numel)) for p in params])
+            in_leaf = {id(p) for m in root.modules() if m is not root and _leaf(m) for p in m.parameters()}
+            check_same_gather([(int(p.ds_id), int(p.ds_numel), id(p) in in_leaf) for p in params])
         missing = ds.not_available(params)
         ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (non-leaf modules)")
         gathered = sum(int(p.ds_numel) for p in params)

@@ -379,13 +379,14 @@ def test_mixtral_flagged_by_deepspeed_defaults_matches_eager_zero3(runs):
         for step in range(N_STEPS):
             called = [c["leaf"] for c in comp["prefetch"] if c["step"] == step]
             assert called == list(MIXTRAL_LEAVES), (rank, step, called)
-            assert all(c["all_gather"] <= 1 and c["other"] == 0 for c in comp["prefetch"])
+            assert all(c["all_gather"] == 0 and c["other"] == 0 for c in comp["prefetch"])
             # DeepSpeed's default limits make gather='auto' choose 'step': one all-gather of
-            # every non-leaf parameter before the compiled forward, then each leaf gathered
-            # once (by its prefetch_all, or by DeepSpeed's trace prefetch in the previous
-            # leaf's hook, which prefetch_all then finds in flight), nothing else.
-            assert comp["fwd"][step].get("all_gather", 0) == 1 + len(MIXTRAL_LEAVES), (rank, step, comp["fwd"][step])
-            assert eager["fwd"][step].get("all_gather", 0) > 1 + len(MIXTRAL_LEAVES), (rank, step, eager["fwd"][step])
+            # the whole model before the compiled forward; each leaf's prefetch_all finds its
+            # parameters gathered
+            assert comp["fwd"][step].get("all_gather", 0) == 1, (rank, step, comp["fwd"][step])
+        # eager ZeRO-3 gathers module by module while it records its trace (step 0), then
+        # prefetches this small model in one bucket
+        assert eager["fwd"][0].get("all_gather", 0) > 1 + len(MIXTRAL_LEAVES), (rank, eager["fwd"][0])
         assert comp["graphs"]["n_graphs"] == 1 and comp["graph_breaks"] == 0, (rank, comp["graph_break_reasons"])
         print(f"rank {rank} Mixtral z3leaf: {comp['graphs']['n_graphs']} graphs, {comp['graph_breaks']} graph "
               f"breaks, leaf calls {[(c['target'], c['module']) for c in calls]}, step times "

@@ -1,0 +1,98 @@
+"""Each private DeepSpeed API the step gatherer uses, checked directly on real ZeRO-3 (2 ranks).
+
+``leafpass/runtime/deepspeed.py`` reaches DeepSpeed's internals for ``gather="step"``: the
+offload object of the root module, the handles of the hooks DeepSpeed registered, the
+coordinator's gather and release, ``reset_step`` and the live-parameter cap. If a DeepSpeed
+upgrade changes one of them, a test here fails by name before the symptoms spread.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leafpass.testing.distributed import run_ranks, zero3_config
+
+MAX_LIVE = 123_457
+
+
+def _body(rank: int, world_size: int) -> dict:
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from leafpass.runtime import deepspeed as ds
+    from leafpass.runtime.deepspeed_probe import GatheredElementsTracker, count_collectives
+    from leafpass.testing.models import MoEBlock, TwoMoE
+
+    torch.manual_seed(0)
+    model = TwoMoE(13, 4, 2)
+    set_z3_leaf_modules(model, [MoEBlock])
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                      config=zero3_config(1, max_live_parameters=MAX_LIVE))
+    root = engine.module
+    out: dict = {}
+    owner = ds.root_offload(root)
+    out["root_found"] = owner is not None
+    out["child_is_not_root"] = ds.root_offload(root.inp) is None and ds.root_offload(root.moe1) is None
+    out["max_live"] = ds.max_live_parameters(owner)
+    slots = ds.hook_slots(owner)
+    out["slots_present"] = all(key in hooks for hooks, key in slots)
+    names = ("_start_of_forward_hook", "_pre_forward_module_hook", "_post_forward_module_hook",
+             "_pre_backward_module_hook", "_post_backward_module_hook")
+    out["hook_names"] = sorted({n for hooks, key in slots for n in names if ds._find_function(hooks[key], n)})
+    module_dicts = {id(d) for m in root.modules() for d in (m._forward_pre_hooks, m._forward_hooks)}
+    out["slots_on_modules"] = all(id(hooks) in module_dicts for hooks, _key in slots)
+    out["root_start_hook"] = any(hooks is root._forward_pre_hooks and
+                                 ds._find_function(hooks[key], "_start_of_forward_hook") is not None
+                                 for hooks, key in slots)
+
+    params = list(root.parameters())
+    out["partitioned"] = all(ds.partitioned(p) for p in params)
+    out["all_missing"] = len(ds.not_available(params)) == len(params)
+    out["external"] = ds.external_parameters(root.inp)
+    ds.start_of_forward(owner)  # reset_step(): no error, nothing gathered
+    total = sum(int(p.ds_numel) for p in params)
+    with GatheredElementsTracker(root) as tracker, count_collectives() as counter:
+        ds.gather_and_wait(owner, params, what="test")
+        out["gather_collectives"] = counter.snapshot()
+        out["gathered_shapes_ok"] = all(tuple(p.shape) == tuple(p.ds_shape) for p in params)
+        out["none_missing_after_gather"] = ds.not_available(params) == []
+        out["released"] = ds.release(owner, params)
+        out["peak"] = tracker.peak
+    out["total"] = total
+    out["all_missing_after_release"] = len(ds.not_available(params)) == len(params)
+    return out
+
+
+@pytest.fixture(scope="module")
+def facts() -> list[dict]:
+    return run_ranks(_body, world_size=2, timeout=150, pg_timeout=60)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_root_offload_and_live_parameter_cap(facts):
+    for f in facts:
+        assert f["root_found"] and f["child_is_not_root"]
+        assert f["max_live"] == MAX_LIVE
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_hook_slots_name_deepspeeds_module_hooks(facts):
+    for f in facts:
+        assert f["slots_present"] and f["slots_on_modules"] and f["root_start_hook"]
+        assert f["hook_names"] == sorted({"_start_of_forward_hook", "_pre_forward_module_hook",
+                                          "_post_forward_module_hook", "_pre_backward_module_hook",
+                                          "_post_backward_module_hook"}), f["hook_names"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_gather_and_release_through_the_coordinator(facts):
+    for f in facts:
+        assert f["partitioned"] and f["all_missing"] and f["external"] == []
+        assert f["gather_collectives"] == {"all_gather": 1}, f["gather_collectives"]
+        assert f["gathered_shapes_ok"] and f["none_missing_after_gather"]
+        assert f["released"] == f["total"] == f["peak"]
+        assert f["all_missing_after_release"]
