@@ -47,13 +47,14 @@ def _leafpass_module_call(self: nn.Module, *args, **kwargs):
         if _tracing_for_leafpass() and getattr(self, "_z3_leaf", False):
             return run_leaf(self, args, kwargs)
         return _original_call(self, *args, **kwargs)
-    if _flagged_fast(self) and _eager_inside_leafpass_frame():
-        return _run_uncaptured_leaf(self, args, kwargs)
-    flags = self.__dict__
     # Only builtins and Dynamo-disabled functions are called from here on before the
     # module's own call: this frame may run inside a z3leaf compile region (before the
     # compiled frame is entered), where Dynamo would try to compile any other frame.
+    # Dynamo's callback is read here: inside a disabled function it is always off.
     callback = _callback_now()
+    if callback and _flagged_fast(self) and _is_leafpass_callback(callback):
+        return _run_uncaptured_leaf(self, args, kwargs)
+    flags = self.__dict__
     if flags.get("_compiled_call_impl") is not None or (flags.get("_forward_pre_hooks") and callback):
         plan = _root_call_plan(self, callback)
         if plan is not None:
@@ -99,17 +100,14 @@ def _callback_options(callback) -> dict | None:
 
 
 @torch._dynamo.disable
-def _eager_inside_leafpass_frame() -> bool:
-    """True while Python runs eagerly inside a frame that Dynamo compiles for z3leaf.
+def _is_leafpass_callback(callback) -> bool:
+    """True when ``callback``, Dynamo's frame callback where a module is being called
+    eagerly, compiles for z3leaf: the module runs eagerly inside a z3leaf-compiled frame.
 
     That is where a flagged module is called when the frame was compiled before the flag
     was set and with a graph break at the call: Dynamo then keeps no guard on the flag.
-    Inside leafpass's lowered program (leaf pieces) Dynamo's callback is off, so this is
-    False there.
+    Inside leafpass's lowered program (leaf pieces) Dynamo's callback is off.
     """
-    callback = internals.eval_frame_callback()
-    if callback is None or callback is False:
-        return False
     return _callback_options(callback) is not None
 
 

@@ -312,3 +312,49 @@ def test_exception_inside_the_compiled_step_on_one_rank_fails_every_rank_fast():
     assert "leafpass/runtime/deepspeed_step.py" in err.reports[1].error, err.reports[1].error
     lag = err.reports[0].reported_at - err.reports[1].reported_at
     assert 0 <= lag < 15, (lag, str(err))
+
+
+# ------------------------------------------------------------------------ release points
+
+
+def _release_body(rank: int, world_size: int) -> dict:
+    import leafpass
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from leafpass.testing.models import MoEBlock, TwoMoE
+
+    torch.manual_seed(0)
+    model = TwoMoE(D, N_EXPERTS, TOP_K)
+    set_z3_leaf_modules(model, [MoEBlock])
+    engine = _engine(model, zero3_config(1))
+    engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": "eager", "gather": "step"}})
+    x, y = _batch(rank, 0)
+    available = lambda: sum(p.ds_status.name == "AVAILABLE" for p in engine.module.parameters())  # noqa: E731
+    nonleaf = [p for n, p in engine.module.named_parameters() if not n.startswith("moe")]
+    nonleaf_available = lambda: sum(p.ds_status.name == "AVAILABLE" for p in nonleaf)  # noqa: E731
+    out = {"n_params": len(list(engine.module.parameters())), "n_nonleaf": len(nonleaf)}
+    with torch.no_grad():
+        engine(x)
+    out["after_no_grad_forward"] = available()
+    engine(x)
+    out["nonleaf_after_forward"] = nonleaf_available()
+    second = F.mse_loss(engine(x), y)  # the first forward never gets a backward
+    engine.backward(second)
+    out["after_backward"] = available()
+    engine.step()
+    out["after_step"] = available()
+    out["stats"] = vars(leafpass.gather_stats(engine)).copy()
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_step_gather_releases_after_backward_or_at_once_without_one():
+    for res in run_ranks(_release_body, world_size=2, timeout=150, pg_timeout=60):
+        assert res["after_no_grad_forward"] == 0, res  # nothing needs a backward: released at once
+        # kept for the backward (DeepSpeed's hooks may release the leaves after their call)
+        assert res["nonleaf_after_forward"] == res["n_nonleaf"] == 4, res
+        assert res["after_backward"] == 0 and res["after_step"] == 0, res
+        # three compiled calls; the forward that never got a backward was released by the next
+        assert res["stats"]["calls"] == 3 and res["stats"]["releases"] == 3, res["stats"]
+        assert res["stats"]["policy"] == "step"
