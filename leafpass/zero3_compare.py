@@ -786,7 +786,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     headers = [h for _, h in columns]
     body = []
     for row in rows:
-        cells = [_cell(k, None if (k == "compile_s" and row.get("way") == "eager") else row.get(k)) for k, _ in columns]
+        cells = [_cell(k, None if (k == "compile_s" and row.get("backend") is None) else row.get(k)) for k, _ in columns]
         if row.get("error") and columns and columns[0][0] == "way":
             cells[0] += " (FAILED)"
         body.append(cells)

@@ -181,6 +181,8 @@ def test_comparison_table_and_reading_from_rows():
     lines = table.splitlines()
     assert lines[0].startswith("| way") and len(lines) == 5
     assert lines[2].startswith("| eager ZeRO-3") and "| 120 " in lines[2]  # peak RSS: the largest rank
+    strict = zc.markdown_table([_fake_row("eager_strict", [[1.0]])]).splitlines()[2]
+    assert strict.split("|")[[h.strip() for h in lines[0].split("|")].index("compile s")].strip() == "-"
     assert lines[4].startswith("| z3leaf gather=step")
     text = zc.reading(rows)
     assert "z3leaf_step: 3 graphs / 4 breaks (gather=step), median step 120.0 ms, 1.20x eager (CPU 1.20x)" in text
