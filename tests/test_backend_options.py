@@ -53,3 +53,42 @@ def test_use_runtime_rejects_objects_without_prefetch_all():
     with pytest.raises(TypeError, match="prefetch_all"):
         with leafpass.use_runtime(object()):
             pass
+
+
+def test_unknown_gather_value_lists_the_policies_and_what_they_do():
+    with pytest.raises(ValueError, match=r"'gather' must be one of \['auto', 'step', 'hooks'\]; got 'module'\. 'auto': "):
+        leafpass.make_backend(gather="module")
+    with pytest.raises(Exception, match=r"'gather' must be one of .*got 'per-step'"):
+        torch.compile(flagged(), backend="z3leaf", options={"gather": "per-step"})(torch.randn(4, 8))
+    assert set(leafpass.GATHER_POLICIES) == {"auto", "step", "hooks"}
+
+
+def test_gather_is_ignored_for_a_model_that_is_not_partitioned():
+    model = flagged()
+    x = torch.randn(4, 8)
+    with leafpass.record_graphs() as rec:
+        out = torch.compile(model, backend="z3leaf", fullgraph=True, options={"gather": "step", "inner": "eager"})(x)
+    torch.testing.assert_close(out, model(x))
+    assert len(rec.graphs) == 1 and leafpass.gather_stats(model) is None
+
+
+def test_options_the_gatherer_reads_before_the_frame_follow_the_backends_precedence():
+    from leafpass.capture import backend_options
+
+    bound = leafpass.make_backend(gather="hooks", inner="eager")
+    assert backend_options(bound) == {"gather": "hooks", "inner": "eager"}
+
+    class Wrapper:  # a backend wrapper that passes options of its own, as a benchmark's does
+        def __init__(self, inner, options):
+            self.__wrapped__ = inner
+            self._leafpass_options = options
+
+    assert backend_options(Wrapper(bound, {"gather": "step"})) == {"gather": "step", "inner": "eager"}
+    assert backend_options(Wrapper(lambda gm, ex: gm, {"gather": "step"})) is None  # not leafpass's
+
+    module = torch.nn.Linear(2, 2)
+    module.compile(backend=bound, options={"gather": "step"})
+    from leafpass import dynamo_internals as internals
+
+    callback = internals.compiled_function_callback(module._compiled_call_impl)
+    assert backend_options(callback) == {"gather": "step", "inner": "eager"}  # torch.compile's win

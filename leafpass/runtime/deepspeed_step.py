@@ -68,7 +68,8 @@ class StepStats:
 
     def __repr__(self) -> str:
         return (f"StepStats(policy={self.policy!r}, calls={self.calls}, gathered_elements="
-                f"{self.gathered_elements}, peak_gathered_elements={self.peak_gathered_elements})")
+                f"{self.gathered_elements}, peak_gathered_elements={self.peak_gathered_elements}, "
+                f"releases={self.releases})")
 
 
 def _leaf(module: nn.Module) -> bool:
