@@ -38,6 +38,7 @@ __all__ = [
     "attach_deepspeed_comm",
     "check_deepspeed_version",
     "count_collectives",
+    "dedupe_params",
     "deepspeed_runtime",
     "skip_cpu_shm_comm_build",
 ]
@@ -187,7 +188,7 @@ class DeepSpeedRuntime:
         so one for a leaf whose parameters share a dtype, as in eager ZeRO-3.
         """
         status = _zero_param_status()
-        wanted = _dedupe(p for p in _with_external(leaf, params) if hasattr(p, "ds_id"))
+        wanted = dedupe_params(p for p in _with_external(leaf, params) if hasattr(p, "ds_id"))
         missing = [p for p in wanted if p.ds_status == status.NOT_AVAILABLE]
         if not missing:
             return
@@ -217,7 +218,7 @@ def _with_external(leaf: nn.Module, params: Iterable[nn.Parameter]) -> Iterable[
             yield p
 
 
-def _dedupe(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+def dedupe_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     seen: set[int] = set()
     out = []
     for p in params:

@@ -150,7 +150,7 @@ class DeepSpeedStepGatherer:
         # Every parameter, the leaves' too: one collective for the whole step, as eager ZeRO-3
         # with a complete trace prefetches a model that fits its limits; each leaf's
         # prefetch_all then finds its parameters gathered.
-        params = _dedupe(
+        params = ds.dedupe_params(
             p for m in root.modules() for p in (*m.parameters(recurse=False), *ds.external_parameters(m))
             if ds.partitioned(p)
         )
@@ -257,16 +257,6 @@ def _release_after_backward(tensors: list[torch.Tensor], release: Callable[[], N
 
     for t in tensors:
         t.register_hook(on_grad)
-
-
-def _dedupe(params) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 # The gatherer's call runs where Dynamo's callback may be active; Dynamo must not try to
