@@ -45,13 +45,16 @@ def _fingerprint(schedule) -> int:
     return int.from_bytes(digest[:7], "little")  # fits in int64
 
 
-def _differing(schedules: list[list[tuple[str, int]]]) -> list[str]:
+def _differing_positions(schedules: list[list]) -> list[int]:
+    """Positions at which the ranks' schedules hold different entries (or one has none)."""
     longest = max(len(s) for s in schedules)
+    return [i for i in range(longest) if len({tuple(s[i]) if i < len(s) else None for s in schedules}) > 1]
+
+
+def _differing(schedules: list[list[tuple[str, int]]]) -> list[str]:
     names = []
-    for i in range(longest):
-        at_i = {tuple(s[i]) if i < len(s) else None for s in schedules}
-        if len(at_i) > 1:
-            names.extend(sorted({entry[0] for entry in at_i if entry is not None}))
+    for i in _differing_positions(schedules):
+        names.extend(sorted({s[i][0] for s in schedules if i < len(s)}))
     return list(dict.fromkeys(names))
 
 
@@ -94,10 +97,7 @@ def check_same_gather(gather: list[tuple[int, int, bool]]) -> None:
     sizes = ", ".join(
         f"rank {r}: {len(s)} parameters, {sum(1 for e in s if e[2])} inside leaves" for r, s in enumerate(schedules)
     )
-    first = min(
-        (i for i in range(max(len(s) for s in schedules)) if len({tuple(s[i]) if i < len(s) else None for s in schedules}) > 1),
-        default=None,
-    )
+    first = next(iter(_differing_positions(schedules)), None)
     raise LeafScheduleMismatch(
         f"leafpass: ranks would gather different parameters before the compiled forward, or flag "
         f"different leaves (gather='step') -- {sizes}; first difference at position {first}. "

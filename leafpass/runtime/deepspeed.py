@@ -187,9 +187,7 @@ class DeepSpeedRuntime:
         per communication dtype and partition group (and per hpZ secondary-tensor group),
         so one for a leaf whose parameters share a dtype, as in eager ZeRO-3.
         """
-        status = _zero_param_status()
-        wanted = dedupe_params(p for p in _with_external(leaf, params) if hasattr(p, "ds_id"))
-        missing = [p for p in wanted if p.ds_status == status.NOT_AVAILABLE]
+        missing = not_available(dedupe_params(p for p in _with_external(leaf, params) if partitioned(p)))
         if not missing:
             return
         owner = _offload_for(leaf)

@@ -97,6 +97,8 @@ class DeepSpeedStepGatherer:
         self._slots = ds.hook_slots(owner)
         self._checked = False
         self._pending: list[nn.Parameter] | None = None
+        # the model's size does not change after deepspeed.initialize: what "auto" compares
+        self._total_elements = sum(int(getattr(p, "ds_numel", p.numel())) for p in root.parameters())
         self.stats = StepStats()
 
     @classmethod
@@ -111,7 +113,7 @@ class DeepSpeedStepGatherer:
         if policy != "auto":
             return policy
         root = self._root()
-        total = sum(int(getattr(p, "ds_numel", p.numel())) for p in root.parameters())
+        total = self._total_elements
         cap = ds.max_live_parameters(self._owner)
         chosen = "step" if total <= cap else "hooks"
         if chosen != self.stats.policy:
@@ -159,10 +161,10 @@ class DeepSpeedStepGatherer:
         ds.start_of_forward(self._owner)
         if not self._checked:
             self._checked = True
-            in_leaf = {id(p) for m in root.modules() if m is not root and _leaf(m) for p in m.parameters()}
-            check_same_gather([(int(p.ds_id), int(p.ds_numel), id(p) in in_leaf) for p in params])
+            outside = {id(p) for m in modules for p in m.parameters(recurse=False)}
+            check_same_gather([(int(p.ds_id), int(p.ds_numel), id(p) not in outside) for p in params])
         missing = ds.not_available(params)
-        ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (non-leaf modules)")
+        ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (the whole model)")
         gathered = sum(int(p.ds_numel) for p in params)
         self.stats.calls += 1
         self.stats.gathered_elements = gathered
@@ -185,11 +187,11 @@ class DeepSpeedStepGatherer:
             _release_after_backward(needs_grad, self._release_once_for(self._pending))
 
     def _release_once_for(self, params: list[nn.Parameter]) -> Callable[[], None]:
-        state = {"done": False}
+        """A release for the gather of ``params`` only: once it (or the next call) has
+        released them, ``_pending`` is no longer ``params`` and it does nothing."""
 
         def release() -> None:
-            if not state["done"] and self._pending is params:
-                state["done"] = True
+            if self._pending is params:
                 self._release()
 
         return release

@@ -498,7 +498,7 @@ def test_exception_inside_a_compiled_leaf_on_one_rank_fails_every_rank_fast():
     print(f"exception in a compiled leaf: every rank out in {elapsed:.1f}s, rank 0 {lag:.2f}s after rank 1")
 
 
-def _mismatched_flags_body(rank: int, world_size: int) -> str:
+def _mismatched_flags_body(rank: int, world_size: int, gather: str = "auto") -> str:
     from deepspeed.utils import set_z3_leaf_modules
 
     from leafpass.testing.models import TwoMoE
@@ -510,7 +510,7 @@ def _mismatched_flags_body(rank: int, world_size: int) -> str:
     else:
         set_z3_leaf_modules(model.moe1, [MoEBlock])  # moe1 only
     engine = _engine(model, zero3_config(1, **STRICT))
-    engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": "eager"}})
+    engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": "eager", "gather": gather}})
     x = torch.randn(N_TOKENS, D, generator=torch.Generator().manual_seed(rank))
     for _ in range(2):
         engine.backward(engine(x).pow(2).mean())

@@ -269,29 +269,14 @@ def test_mixtral_50_steps_of_changing_routing_one_graph_no_recompiles(mixtral):
 # ------------------------------------------------------------------------------- failures
 
 
-def _mismatched_gather_body(rank: int, world_size: int) -> str:
-    from deepspeed.utils import set_z3_leaf_modules
-
-    from leafpass.testing.models import MoEBlock, TwoMoE
-
-    torch.manual_seed(0)
-    model = TwoMoE(D, N_EXPERTS, TOP_K)
-    set_z3_leaf_modules(model if rank == 0 else model.moe1, [MoEBlock])  # rank 1: moe1 only
-    engine = _engine(model, zero3_config(1))
-    engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": "eager", "gather": "step"}})
-    x = torch.randn(N_TOKENS, D, generator=torch.Generator().manual_seed(rank))
-    for _ in range(2):
-        engine.backward(engine(x).pow(2).mean())
-        engine.step()
-    return "finished"
-
-
 @pytest.mark.distributed
 @pytest.mark.timeout(200)
 def test_ranks_that_would_gather_different_parameters_all_raise():
+    from tests.distributed.test_compiled_zero3 import _mismatched_flags_body
+
     start = time.monotonic()
-    with pytest.raises(DistributedRunError) as info:
-        run_ranks(_mismatched_gather_body, world_size=2, timeout=150, pg_timeout=30)
+    with pytest.raises(DistributedRunError) as info:  # rank 0 flags moe1 and moe2, rank 1 moe1 only
+        run_ranks(_mismatched_flags_body, "step", world_size=2, timeout=150, pg_timeout=30)
     err = info.value
     assert err.hung_ranks == [] and all(code not in (0, None) for code in err.exitcodes), str(err)
     for report in err.reports:
