@@ -15,7 +15,7 @@ import torch.fx
 from .capture import annotate_input_sources
 from .gather import GATHER_POLICIES, check_gather
 from .lower import lower
-from .passes import run_passes
+from .passes import MODULE_GATHER_PIPELINE, run_passes
 from .record import notify_graph
 
 __all__ = ["OPTIONS", "INNER_COMPILERS", "make_backend", "z3leaf_backend", "resolve_inner"]
@@ -24,6 +24,10 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 OPTIONS: Mapping[str, str] = {
     "inner": f"compiler for the non-leaf pieces: one of {INNER_COMPILERS} or a backend callable",
     "gather": f"who gathers non-leaf parameters of a partitioned model: one of {list(GATHER_POLICIES)}",
+    "bucket_elements": "gather='module': merge adjacent gathers up to this many elements "
+                       "(default: the engine's prefetch bucket, DeepSpeed stage3_prefetch_bucket_size)",
+    "prefetch_distance": "gather='module': start each gather this many buckets early "
+                         "(default: 1, or 0 when the engine's prefetch bucket is 0)",
 }
 
 
@@ -36,8 +40,13 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         valid = ", ".join(f"{k!r} ({v})" for k, v in OPTIONS.items())
         raise ValueError(f"unknown z3leaf option(s) {unknown}; valid options: {valid}")
-    checked = {"inner": "inductor", "gather": "auto", **options}
+    checked = {"inner": "inductor", "gather": "auto", "bucket_elements": None, "prefetch_distance": None, **options}
     check_gather(checked["gather"])
+    for key in ("bucket_elements", "prefetch_distance"):
+        value = checked[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"z3leaf option {key!r} must be an int >= 0 (or None for the engine's default); "
+                             f"got {value!r}")
     inner = checked["inner"]
     if not callable(inner) and inner not in INNER_COMPILERS:
         raise ValueError(
@@ -66,9 +75,46 @@ def resolve_inner(inner: Any, mode: str | None = None) -> Callable:
 def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
     checked = _check_options(options)
     annotate_input_sources(gm)
-    gm = run_passes(gm)
+    plan = current_gather_plan()
+    if plan is None:
+        gm = run_passes(gm)
+        inner = resolve_inner(checked["inner"], mode)
+    else:
+        gm = run_passes(gm, MODULE_GATHER_PIPELINE, example_inputs=list(example_inputs), plan=plan)
+        inner = _recomputing(checked["inner"], mode)
     notify_graph(gm)
-    return lower(gm, list(example_inputs), resolve_inner(checked["inner"], mode))
+    return lower(gm, list(example_inputs), inner)
+
+
+def current_gather_plan():
+    """The ``gather="module"`` plan of the call being compiled, if any."""
+    from .runtime.deepspeed_module import current_plan
+
+    return current_plan()
+
+
+def _recomputing(inner: Any, mode: str | None) -> Callable:
+    """The inner compiler for a graph with in-graph gathers: one whose partitioner honours
+    their "must recompute" marks, so gathered weights are not saved for backward.
+    inductor does; ``aot_eager``'s default partitioner saves every value backward uses, so
+    it is swapped for the same compiler with the min-cut partitioner."""
+    if inner == "aot_eager":
+        from functorch.compile import min_cut_rematerialization_partition
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._dynamo.backends.debugging import boxed_nop
+
+        return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop,
+                            partition_fn=min_cut_rematerialization_partition)
+    if inner == "eager":
+        import warnings
+
+        warnings.warn(
+            "leafpass: gather='module' with inner='eager' keeps every gathered weight alive until "
+            "backward (eager autograd saves what backward needs); use inner='aot_eager' or "
+            "'inductor' to gather them again for backward instead.",
+            stacklevel=2,
+        )
+    return resolve_inner(inner, mode)
 
 
 def make_backend(**options: Any) -> Callable:

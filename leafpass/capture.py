@@ -58,8 +58,8 @@ def _leafpass_module_call(self: nn.Module, *args, **kwargs):
     if flags.get("_compiled_call_impl") is not None or (flags.get("_forward_pre_hooks") and callback):
         plan = _root_call_plan(self, callback)
         if plan is not None:
-            gatherer, policy = plan
-            return gatherer.call(self, args, kwargs, policy, _original_call)
+            gatherer, options = plan
+            return gatherer.call(self, args, kwargs, options, _original_call)
     return _original_call(self, *args, **kwargs)
 
 
@@ -68,14 +68,14 @@ _callback_now = internals.eval_frame_callback_builtin()
 
 @torch._dynamo.disable
 def _root_call_plan(module: nn.Module, callback):
-    """``(gatherer, gather policy)`` when calling ``module`` enters a z3leaf-compiled frame and
+    """``(gatherer, z3leaf options)`` when calling ``module`` enters a z3leaf-compiled frame and
     ``module`` is the root of a partitioned model leafpass gathers for; else None.
     ``callback`` is Dynamo's frame callback at the call (inside this function it is off)."""
     options = _options_of_z3leaf_call(module, callback)
     if options is None:
         return None
     gatherer = root_gatherer(module)
-    return None if gatherer is None else (gatherer, options.get("gather", "auto"))
+    return None if gatherer is None else (gatherer, options)
 
 
 def _flagged_fast(module: nn.Module) -> bool:
@@ -130,7 +130,7 @@ _warned_uncaptured: set[int] = set()
 def _run_uncaptured_leaf(module: nn.Module, args, kwargs):
     """Follow the flag where the compiled caller could not: prefetch, then run the leaf
     eagerly with Dynamo off, exactly as the lowered program runs a leaf piece."""
-    from .runtime import runtime_for
+    from .runtime import in_leaf_environment, runtime_for
 
     if id(type(module)) not in _warned_uncaptured:
         _warned_uncaptured.add(id(type(module)))
@@ -149,7 +149,8 @@ def _run_uncaptured_leaf(module: nn.Module, args, kwargs):
     params = list(module.parameters())
     if params:
         runtime_for(params).prefetch_all(module, params)
-    return _original_call_no_dynamo(module, *args, **kwargs)
+    with in_leaf_environment():
+        return _original_call_no_dynamo(module, *args, **kwargs)
 
 
 def is_leafpass_backend(compiler_fn) -> bool:

@@ -9,6 +9,14 @@ and on purpose. What it shows and how::
     t1 = moe1(t0)                               a leaf call_module, by qualified name
     return t1
 
+In-graph gathers (``gather="module"``) show what they gather, not their bucket ids
+(which differ between runs)::
+
+    t2 = gather_start [l2.weight, l2.bias] (272 elements)
+    t3 = gather_wait t2
+    t4 = getitem(t3, 0)
+    prefetch_start moe2                         a leaf's gather issued early
+
 Values are numbered ``t0, t1, ...`` in graph order, parameters and buffers are named
 by their qualified names, functions by their qualified Python names, so the text has
 no file paths, no addresses and nothing that differs between two identical compiles.
@@ -23,6 +31,7 @@ import torch
 import torch.fx
 
 from .leaf_call import leaf_call_of, plain_source, qualname_from_source
+from .passes.insert_gathers import GATHER_META
 from .passes.insert_prefetch import is_prefetch_node
 
 __all__ = ["format_graph"]
@@ -104,6 +113,9 @@ def format_graph(gm: torch.fx.GraphModule) -> str:
             params, leaf = node.args[0], node.args[1]
             lines.append(f"prefetch_all {leaf} ({len(params)} params)")
             continue
+        if node.op == "call_function" and node.target == torch.ops.leafpass.prefetch_start.default:
+            lines.append(f"prefetch_start {node.args[0]}")
+            continue
         name = f"t{counter}"
         counter += 1
         names[node] = name
@@ -113,6 +125,12 @@ def format_graph(gm: torch.fx.GraphModule) -> str:
         elif node.op == "call_method":
             self_arg, *rest = node.args
             lines.append(f"{name} = {fmt(self_arg)}.{node.target}({call_args(rest, node.kwargs)})")
+        elif node.target == torch.ops.leafpass.gather_start.default:
+            info = node.meta.get(GATHER_META)
+            size = f" ({info.numel} elements)" if info is not None else ""
+            lines.append(f"{name} = gather_start {fmt(node.args[0])}{size}")
+        elif node.target == torch.ops.leafpass.gather_wait.default:
+            lines.append(f"{name} = gather_wait {fmt(node.args[0])}")
         else:
             lines.append(f"{name} = {_target_name(node.target)}({call_args(node.args, node.kwargs)})")
     header = f"inputs: {', '.join(inputs)}" if inputs else "inputs: (none)"

@@ -12,13 +12,22 @@ routers) are gathered according to ``options={"gather": ...}``:
     with whole parameters: one graph per forward, no graph breaks, and guards that see
     the same full shapes every step. Costs the memory of the whole model between forward
     and backward.
+``"module"``
+    the compiled graph gathers the parameters itself: leafpass's passes put a gather op
+    before each module's first use in every stretch between leaves, merge adjacent ones
+    into buckets of up to ``bucket_elements`` and start each bucket ``prefetch_distance``
+    buckets early (``leafpass.passes.bucket_gathers`` draws the schedule). Each gathered
+    weight is freed after its last use and gathered again for backward, so at most a few
+    buckets and a leaf are whole at once. One graph, no graph breaks, like ``"step"``.
 ``"hooks"``
     the engine's own module hooks gather each module at its entry, as in eager ZeRO-3.
     They cannot be compiled, so every hooked module is a graph break (the behaviour of
     ``engine.compile()``), but the engine's live-parameter limits hold.
 ``"auto"`` (default)
     ``"step"`` when the whole model fits under the engine's live-parameter cap
-    (DeepSpeed: ``stage3_max_live_parameters``), else ``"hooks"``.
+    (DeepSpeed: ``stage3_max_live_parameters``), else ``"module"`` with buckets of the
+    engine's prefetch bucket size (``stage3_prefetch_bucket_size``) and a prefetch
+    distance of 1 (0 when that bucket size is 0).
 
 The decision is taken where the compiled model is called, before Dynamo's frame is
 entered: the capture wrapper asks :func:`root_gatherer` whether the module is the root
@@ -27,9 +36,10 @@ gatherer wraps the call::
 
     engine(x) -> model(x)                                    # eager: capture wrapper
                    gather every param (1 all-gather)         # "step"
+                   | or: stand-ins in non-leaf params        # "module"
                    engine hooks of non-leaf modules off
-                   compiled frame: ONE graph
-                   hooks back on; release after backward
+                   compiled frame: ONE graph                 # "module": gathers in it
+                   hooks back on; release (or restore the params) after backward
 """
 
 from __future__ import annotations
@@ -43,8 +53,9 @@ from torch import nn
 __all__ = ["GATHER_POLICIES", "check_gather", "gather_stats", "root_gatherer"]
 
 GATHER_POLICIES: Mapping[str, str] = {
-    "auto": "'step' when the whole model fits under the engine's live-parameter cap, else 'hooks'",
+    "auto": "'step' when the whole model fits under the engine's live-parameter cap, else 'module'",
     "step": "gather the whole model in one collective before the compiled forward, release it after backward",
+    "module": "gather inside the graph, in buckets, each freed after its last use and gathered again for backward",
     "hooks": "let the engine's module hooks gather each module (a graph break per hooked module)",
 }
 
@@ -77,9 +88,9 @@ def _find_gatherer(module: nn.Module):
     # Only modules DeepSpeed has registered carry ds_id; importing the DeepSpeed runtime
     # (and DeepSpeed) is left to models that have it.
     if "ds_id" in module.__dict__:
-        from .runtime.deepspeed_step import DeepSpeedStepGatherer
+        from .runtime.deepspeed_gatherer import DeepSpeedGatherer
 
-        gatherer = DeepSpeedStepGatherer.for_root(module)
+        gatherer = DeepSpeedGatherer.for_root(module)
         if gatherer is not None:
             return gatherer
     return _NOT_A_ROOT

@@ -25,6 +25,7 @@ import torch.fx
 from torch.fx.passes.split_module import split_module
 
 from .leaf_call import leaf_call_of
+from .runtime import _leaf_environments, in_leaf_environment
 from .passes.insert_prefetch import is_prefetch_node
 from .shape_inference import LeafShapeError
 from .dynamo_internals import is_first_compile_of_frame
@@ -161,7 +162,11 @@ class _LeafPiece(torch.nn.Module):
         self.leaves = [n.target for n in piece.graph.nodes if n.op == "call_module"]
 
     def forward(self, *args):
-        out = self.piece(*args)
+        if _leaf_environments:
+            with in_leaf_environment():
+                out = self.piece(*args)
+        else:
+            out = self.piece(*args)
         values = out if isinstance(out, tuple) else (out,)
         for got, want in zip(values, self.expected):
             if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor):

@@ -21,7 +21,7 @@ from torch import nn
 
 from .runtime import runtime_for
 
-__all__ = ["prefetch_all", "register_leaf", "lookup_leaf"]
+__all__ = ["prefetch_all", "prefetch_start", "register_leaf", "lookup_leaf"]
 
 _ids = itertools.count(1)
 _id_of: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
@@ -62,4 +62,31 @@ def _prefetch_all_fake(params: list[torch.Tensor], leaf: str, leaf_id: int) -> N
 
 torch.library._register_effectful_op(
     "leafpass::prefetch_all", torch._library.effects.EffectType.ORDERED
+)
+
+
+@torch.library.custom_op("leafpass::prefetch_start", mutates_args=())
+def prefetch_start(leaf: str, leaf_id: int) -> None:
+    """Issue, without waiting, the gather the leaf's ``prefetch_all`` will wait for
+    (``gather="module"`` with a prefetch distance). Runtimes without ``prefetch_start``
+    ignore it: their ``prefetch_all`` gathers as usual.
+
+    Unlike ``prefetch_all`` it takes no parameters as inputs: it sits in a compiled piece,
+    and a partitioned parameter entering a compiled autograd node would have its gradient
+    accumulator (re)made with its partitioned shape."""
+    module = lookup_leaf(leaf_id, leaf)
+    params = list(module.parameters())
+    runtime = runtime_for(params)
+    start = getattr(runtime, "prefetch_start", None)
+    if start is not None:
+        start(module, params)
+
+
+@prefetch_start.register_fake
+def _prefetch_start_fake(leaf: str, leaf_id: int) -> None:
+    return None
+
+
+torch.library._register_effectful_op(
+    "leafpass::prefetch_start", torch._library.effects.EffectType.ORDERED
 )

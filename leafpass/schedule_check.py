@@ -32,12 +32,19 @@ class LeafScheduleMismatch(RuntimeError):
 
 
 def leaf_schedule(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
-    """``(leaf qualified name, parameter count)`` of every prefetched leaf call, in order."""
-    return [
-        (call.name, len(call.params))
-        for node in gm.graph.nodes
-        if node.op == "call_module" and (call := leaf_call_of(node)) is not None and call.params
-    ]
+    """``(leaf qualified name, parameter count)`` of every prefetched leaf call, and
+    ``("gather <modules>", elements)`` of every in-graph gather (``gather="module"``), in
+    graph order: every collective the program issues at its own initiative."""
+    from .passes.insert_gathers import GATHER_META
+
+    schedule = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and (call := leaf_call_of(node)) is not None and call.params:
+            schedule.append((call.name, len(call.params)))
+        elif GATHER_META in node.meta:
+            info = node.meta[GATHER_META]
+            schedule.append((f"gather {'+'.join(info.modules)}", info.numel))
+    return schedule
 
 
 def _fingerprint(schedule) -> int:

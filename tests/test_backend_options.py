@@ -56,11 +56,20 @@ def test_use_runtime_rejects_objects_without_prefetch_all():
 
 
 def test_unknown_gather_value_lists_the_policies_and_what_they_do():
-    with pytest.raises(ValueError, match=r"'gather' must be one of \['auto', 'step', 'hooks'\]; got 'module'\. 'auto': "):
-        leafpass.make_backend(gather="module")
+    with pytest.raises(ValueError, match=r"'gather' must be one of \['auto', 'step', 'module', 'hooks'\]; got 'layer'\. 'auto': "):
+        leafpass.make_backend(gather="layer")
     with pytest.raises(Exception, match=r"'gather' must be one of .*got 'per-step'"):
         torch.compile(flagged(), backend="z3leaf", options={"gather": "per-step"})(torch.randn(4, 8))
-    assert set(leafpass.GATHER_POLICIES) == {"auto", "step", "hooks"}
+    assert list(leafpass.GATHER_POLICIES) == ["auto", "step", "module", "hooks"]
+
+
+@pytest.mark.parametrize("key", ["bucket_elements", "prefetch_distance"])
+@pytest.mark.parametrize("value", [-1, 1.5, "2", True])
+def test_module_gather_settings_must_be_non_negative_ints(key, value):
+    with pytest.raises(ValueError, match=rf"z3leaf option '{key}' must be an int >= 0 .*got {value!r}"):
+        leafpass.make_backend(gather="module", **{key: value})
+    leafpass.make_backend(gather="module", **{key: 0})  # 0 and None are valid
+    leafpass.make_backend(gather="module", **{key: None})
 
 
 def test_gather_is_ignored_for_a_model_that_is_not_partitioned():

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch.fx
 
+from .bucket_gathers import bucket_gathers_pass
+from .insert_gathers import insert_gathers_pass
 from .insert_prefetch import insert_prefetch_pass
 from .leaf_call_module import leaf_call_module_pass
 
@@ -23,6 +25,7 @@ class Pass:
     fn: Callable[[torch.fx.GraphModule], torch.fx.GraphModule]
     requires: frozenset[str] = frozenset()
     provides: frozenset[str] = frozenset()
+    context: tuple[str, ...] = ()  # keyword arguments it takes from run_passes' context
 
 
 PASSES: dict[str, Pass] = {
@@ -35,17 +38,36 @@ PASSES: dict[str, Pass] = {
         requires=frozenset({"leaf_call_modules"}),
         provides=frozenset({"prefetch_at_leaf_entry"}),
     ),
+    "insert_gathers": Pass(
+        "insert_gathers",
+        insert_gathers_pass,
+        requires=frozenset({"prefetch_at_leaf_entry"}),
+        provides=frozenset({"gathers_at_first_use"}),
+        context=("example_inputs", "plan"),
+    ),
+    "bucket_gathers": Pass(
+        "bucket_gathers",
+        bucket_gathers_pass,
+        requires=frozenset({"gathers_at_first_use"}),
+        provides=frozenset({"gathers_bucketed"}),
+        context=("plan",),
+    ),
 }
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("leaf_call_module", "insert_prefetch")
+# gather="module": the graph gathers the non-leaf parameters itself
+MODULE_GATHER_PIPELINE: tuple[str, ...] = (*DEFAULT_PIPELINE, "insert_gathers", "bucket_gathers")
 
 
 class PassOrderError(RuntimeError):
     pass
 
 
-def run_passes(gm: torch.fx.GraphModule, names: Sequence[str] = DEFAULT_PIPELINE):
-    """Run the named passes in order; raise if one runs before what it requires."""
+def run_passes(gm: torch.fx.GraphModule, names: Sequence[str] = DEFAULT_PIPELINE, **context):
+    """Run the named passes in order; raise if one runs before what it requires.
+
+    ``context`` holds what passes take besides the graph (``example_inputs``, the gather
+    ``plan``); each pass gets the entries it names."""
     done: set[str] = set()
     for name in names:
         if name not in PASSES:
@@ -57,13 +79,19 @@ def run_passes(gm: torch.fx.GraphModule, names: Sequence[str] = DEFAULT_PIPELINE
                 f"pass {name!r} requires {sorted(missing)}, which no earlier pass provides; "
                 f"run it after the pass that provides them (pipeline: {list(names)})"
             )
-        gm = p.fn(gm)
+        missing_context = [k for k in p.context if k not in context]
+        if missing_context:
+            raise TypeError(f"pass {name!r} needs {missing_context} passed to run_passes")
+        gm = p.fn(gm, **{k: context[k] for k in p.context})
         done |= p.provides
     return gm
 
 
 __all__ = [
     "DEFAULT_PIPELINE",
+    "MODULE_GATHER_PIPELINE",
+    "bucket_gathers_pass",
+    "insert_gathers_pass",
     "PASSES",
     "Pass",
     "PassOrderError",

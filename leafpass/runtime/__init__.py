@@ -28,6 +28,8 @@ from .null import NullRuntime
 
 __all__ = [
     "NullRuntime",
+    "in_leaf_environment",
+    "leaf_environment",
     "PrefetchRuntime",
     "active_runtime",
     "logical_shape",
@@ -58,6 +60,30 @@ def use_runtime(runtime: PrefetchRuntime) -> Iterator[PrefetchRuntime]:
         yield runtime
     finally:
         _stack.pop()
+
+
+_leaf_environments: list = []
+
+
+@contextlib.contextmanager
+def leaf_environment(enter) -> Iterator[None]:
+    """While active, every leaf run eagerly by leafpass runs inside ``enter()`` (a context
+    manager). A gatherer that changes global state for the compiled code (DeepSpeed's
+    ``linear`` under ``gather="module"``) gives the leaves the state their engine expects."""
+    _leaf_environments.append(enter)
+    try:
+        yield
+    finally:
+        _leaf_environments.remove(enter)
+
+
+@contextlib.contextmanager
+def in_leaf_environment() -> Iterator[None]:
+    """Enter every active :func:`leaf_environment` (how leaf pieces run)."""
+    with contextlib.ExitStack() as stack:
+        for enter in tuple(_leaf_environments):
+            stack.enter_context(enter())
+        yield
 
 
 def active_runtime() -> PrefetchRuntime | None:

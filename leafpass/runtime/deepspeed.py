@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..versions import in_range
 from .deepspeed_probe import CollectiveCounter, CollectiveEvent, count_collectives
@@ -151,6 +152,8 @@ class DeepSpeedRuntime:
 
     def __init__(self) -> None:
         self.version = check_deepspeed_version()
+        # parameters whose gather prefetch_start issued and no prefetch_all has waited for
+        self._started = WeakIdKeyDictionary()
 
     def logical_shape(self, param: torch.Tensor) -> torch.Size:
         # deepspeed/runtime/zero/partition_parameters.py: a ZeRO-3 parameter keeps its full
@@ -187,9 +190,27 @@ class DeepSpeedRuntime:
         per communication dtype and partition group (and per hpZ secondary-tensor group),
         so one for a leaf whose parameters share a dtype, as in eager ZeRO-3.
         """
-        missing = not_available(dedupe_params(p for p in _with_external(leaf, params) if partitioned(p)))
-        if not missing:
+        ours = dedupe_params(p for p in _with_external(leaf, params) if partitioned(p))
+        missing = not_available(ours)
+        started = [p for p in in_flight(ours) if p in self._started]
+        if not missing and not started:
             return
+        owner = self._owner(leaf)
+        start_gather(owner, missing)
+        for p in started:
+            del self._started[p]
+        wait_gathered(owner, missing + started, fast_fetch=_is_leaf(leaf), what=type(leaf).__name__)
+
+    @torch.no_grad()
+    def prefetch_start(self, leaf: nn.Module, params: list[nn.Parameter]) -> None:
+        """Issue (not wait for) the gather ``prefetch_all`` would issue for ``leaf``; the
+        leaf's ``prefetch_all`` waits for it (``gather="module"``'s prefetch distance)."""
+        missing = not_available(dedupe_params(p for p in _with_external(leaf, params) if partitioned(p)))
+        if missing:
+            start_gather(self._owner(leaf), missing)
+            self._started.update(dict.fromkeys(missing))
+
+    def _owner(self, leaf: nn.Module):
         owner = _offload_for(leaf)
         if owner is None:
             raise RuntimeError(
@@ -198,8 +219,7 @@ class DeepSpeedRuntime:
                 "model that contains it to deepspeed.initialize before compiling, and flag the leaf "
                 "with deepspeed.utils.set_z3_leaf_modules before deepspeed.initialize."
             )
-        fast_fetch = _is_leaf(leaf)
-        gather_and_wait(owner, missing, fast_fetch=fast_fetch, what=type(leaf).__name__)
+        return owner
 
     def __repr__(self) -> str:
         return f"DeepSpeedRuntime(deepspeed {self.version})"
@@ -234,17 +254,28 @@ def gather_and_wait(owner, params: list[nn.Parameter], *, fast_fetch: bool = Fal
     coalesced all-gather per group, and wait until they are AVAILABLE."""
     if not params:
         return
-    coordinator = owner.get_param_coordinator()
+    start_gather(owner, params)
+    wait_gathered(owner, params, fast_fetch=fast_fetch, what=what)
+
+
+def start_gather(owner, params: list[nn.Parameter]) -> None:
+    """Issue the all-gather of the NOT_AVAILABLE ``params`` (they become INFLIGHT)."""
+    if not params:
+        return
     # partitioned_param_coordinator.py, PartitionedParameterCoordinator.__all_gather_params:
     # what fetch_sub_module calls for a module's NOT_AVAILABLE parameters. It adds their
     # numel to the live-parameter count that release later subtracts, issues one
     # param.all_gather_coalesced(...) per group (parameters with / without an hpZ
     # secondary tensor) and records each handle in the in-flight registry.
-    gather = _coordinator_private(coordinator, "all_gather_params")
-    registry = _coordinator_private(coordinator, "inflight_param_registry")
-    stream = _coordinator_private(coordinator, "allgather_stream")
+    gather = _coordinator_private(owner.get_param_coordinator(), "all_gather_params")
     gather(set(params), True)
 
+
+def wait_gathered(owner, params: list[nn.Parameter], *, fast_fetch: bool = False, what: str = "") -> None:
+    """Wait for every in-flight parameter of ``params`` that ``owner``'s coordinator issued."""
+    coordinator = owner.get_param_coordinator()
+    registry = _coordinator_private(coordinator, "inflight_param_registry")
+    stream = _coordinator_private(coordinator, "allgather_stream")
     # Wait as fetch_sub_module does for in-flight parameters: pop the handle from the
     # registry and wait in the all-gather stream (a no-op context on CPU), then order
     # the compute stream after it. handle.wait() sets ds_status AVAILABLE; a coalesced
@@ -265,6 +296,11 @@ def gather_and_wait(owner, params: list[nn.Parameter], *, fast_fetch: bool = Fal
     if not_ready:
         raise RuntimeError(f"leafpass: after the all-gather {len(not_ready)} parameter(s) of "
                            f"{what or 'the model'} are not AVAILABLE: {not_ready[0].ds_summary()}")
+
+
+def in_flight(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    status = _zero_param_status()
+    return [p for p in params if p.ds_status == status.INFLIGHT]
 
 
 @torch.no_grad()
@@ -399,3 +435,69 @@ def attach_deepspeed_comm() -> None:
     if ds_comm.is_initialized():
         return
     ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+
+
+# ----------------------------------------------------- what gather="module" needs
+
+
+def shard(param: nn.Parameter) -> tuple[torch.Tensor, object]:
+    """``(this rank's shard, partition process group)`` of a ZeRO-3 ``param``.
+
+    partition_parameters.py (0.19.x), ``Init._partition_param``: the flat parameter is
+    padded to ``partition_size * world`` (``_aligned_size``) and rank ``r`` of
+    ``param.ds_process_group`` keeps elements ``[r * partition_size, (r + 1) *
+    partition_size)`` in ``param.ds_tensor`` (``ds_tensor.ds_numel == partition_size``).
+    So concatenating the ranks' shards in rank order and cutting at ``ds_numel`` gives the
+    parameter. Quantized shards, hpZ secondary shards and NVMe-offloaded shards do not
+    follow that layout in memory; they are refused with the way out.
+    """
+    t = getattr(param, "ds_tensor", None)
+    why = None
+    if t is None:
+        why = "it has no ds_tensor (not partitioned by deepspeed.zero.Init)"
+    elif t.dtype != param.dtype or hasattr(t, "ds_quant_scale"):
+        why = "its shard is stored quantized (zero_quantized_weights / quantized_nontrainable_weights)"
+    elif getattr(param, "ds_secondary_tensor", None) is not None:
+        why = "it has an hpZ secondary shard (zero_hpz_partition_size > 1)"
+    elif str(getattr(t, "final_location", None)).endswith("nvme"):
+        why = "its shard lives on NVMe (offload_param to nvme)"
+    elif int(t.numel()) != int(getattr(t, "ds_numel", t.numel())):
+        why = "its shard's size differs from ds_tensor.ds_numel"
+    if why is not None:
+        raise NotImplementedError(
+            f"leafpass: gather='module' cannot gather ZeRO-3 parameter {param.ds_summary() if hasattr(param, 'ds_summary') else ''}: "
+            f"{why}. Use options={{'gather': 'step'}} or {{'gather': 'hooks'}} for this model."
+        )
+    return t, param.ds_process_group
+
+
+def persistent(param: nn.Parameter) -> bool:
+    """DeepSpeed keeps ``param`` gathered at all times (``stage3_param_persistence_threshold``)."""
+    return bool(getattr(param, "ds_persist", False))
+
+
+def prefetch_bucket_size(owner) -> int:
+    """``stage3_prefetch_bucket_size`` as the coordinator was built with it
+    (partitioned_param_coordinator.py: ``self.__prefetch_bucket_sz``)."""
+    return int(_coordinator_private(owner.get_param_coordinator(), "prefetch_bucket_sz"))
+
+
+def plain_linear_swap():
+    """``(DeepSpeed's linear, torch's linear)`` when DeepSpeed has replaced
+    ``torch.nn.functional.linear``, else None.
+
+    partition_parameters.py (0.19.x), ``Init._enable_mem_efficient_linear``: ZeRO-3's
+    ``Init`` (which ``deepspeed.initialize`` runs for stage 3) replaces
+    ``torch.nn.functional.linear`` with ``zero3_linear_wrap`` for good, keeping torch's in
+    ``InsertPostInitMethodToModuleSubClasses.linear_bk``. Its autograd function gathers a
+    partitioned weight in backward, which Dynamo cannot trace (``requires_grad`` set on a
+    tensor): a graph break at every ``nn.Linear`` whose weight leafpass gathers in the graph.
+    """
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero import linear as zero_linear
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    if F.linear is not zero_linear.zero3_linear_wrap:
+        return None
+    original = getattr(pp.InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    return None if original is None else (F.linear, original)

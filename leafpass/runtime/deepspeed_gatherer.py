@@ -38,6 +38,7 @@ Only public DeepSpeed attributes are read here; the private ones are reached thr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections.abc import Callable
@@ -48,10 +49,13 @@ from torch.utils._pytree import tree_leaves
 
 from .. import dynamo_internals as internals
 from ..gather import check_gather
+from ..gather_ops import live_gathered
 from ..schedule_check import check_same_gather
 from . import deepspeed as ds
+from . import leaf_environment
+from .deepspeed_module import ModulePlan, StandIns, set_plan
 
-__all__ = ["DeepSpeedStepGatherer", "StepStats"]
+__all__ = ["DeepSpeedGatherer", "StepStats"]
 
 log = logging.getLogger("leafpass.gather")
 
@@ -88,7 +92,7 @@ def _outside_leaves(root: nn.Module) -> list[nn.Module]:
     return found
 
 
-class DeepSpeedStepGatherer:
+class DeepSpeedGatherer:
     """Runs the compiled call of a DeepSpeed ZeRO-3 root module under a gather policy."""
 
     def __init__(self, root: nn.Module, owner) -> None:
@@ -96,42 +100,61 @@ class DeepSpeedStepGatherer:
         self._owner = owner
         self._slots = ds.hook_slots(owner)
         self._checked = False
-        self._pending: list[nn.Parameter] | None = None
+        # what the last call left to undo after backward: ("step", params) or ("module", None)
+        self._pending: tuple[str, list[nn.Parameter] | None] | None = None
         # the model's size does not change after deepspeed.initialize: what "auto" compares
         self._total_elements = sum(int(getattr(p, "ds_numel", p.numel())) for p in root.parameters())
+        self._stand_ins = StandIns()
+        self._plans: dict[tuple[int, int], ModulePlan] = {}
+        self._previous_plan = None
+        self._linear_swap = None
         self.stats = StepStats()
 
     @classmethod
-    def for_root(cls, module: nn.Module) -> "DeepSpeedStepGatherer | None":
+    def for_root(cls, module: nn.Module) -> "DeepSpeedGatherer | None":
         owner = ds.root_offload(module)
         return cls(module, owner) if owner is not None else None
 
     # ---------------------------------------------------------------- policy
 
-    def resolve(self, policy: str) -> str:
-        policy = check_gather(policy)
+    def resolve(self, options: dict) -> str:
+        """The policy a call with z3leaf ``options`` runs under (``auto`` decided)."""
+        policy = check_gather(options.get("gather", "auto"))
         if policy != "auto":
             return policy
         root = self._root()
         total = self._total_elements
         cap = ds.max_live_parameters(self._owner)
-        chosen = "step" if total <= cap else "hooks"
+        chosen = "step" if total <= cap else "module"
         if chosen != self.stats.policy:
             log.info("leafpass: gather='auto' chose %r for %s (%d parameter elements, "
                      "stage3_max_live_parameters=%d)", chosen, type(root).__name__, total, cap)
         return chosen
 
+    def module_settings(self, options: dict) -> tuple[int, int]:
+        """``(bucket_elements, prefetch_distance)`` for ``gather="module"``: the options if
+        given, else from the engine's config (``stage3_prefetch_bucket_size``; prefetch one
+        bucket ahead unless that bucket is 0, as DeepSpeed then prefetches nothing)."""
+        bucket = options.get("bucket_elements")
+        distance = options.get("prefetch_distance")
+        config_bucket = ds.prefetch_bucket_size(self._owner)
+        if bucket is None:
+            bucket = config_bucket
+        if distance is None:
+            distance = 1 if config_bucket > 0 else 0
+        return int(bucket), int(distance)
+
     # ---------------------------------------------------------------- the call
 
-    def call(self, root: nn.Module, args: tuple, kwargs: dict, policy: str, original_call: Callable):
+    def call(self, root: nn.Module, args: tuple, kwargs: dict, options: dict, original_call: Callable):
         """Run ``original_call(root, *args, **kwargs)`` (which enters the compiled frame)
-        under ``policy``.
+        under the gather policy of z3leaf ``options``.
 
         This frame is never compiled by Dynamo (it may run inside a compile region, before
         the compiled frame is entered); everything it does besides that call happens in
         Dynamo-disabled methods.
         """
-        hooks_off = self._before(root, policy)
+        hooks_off = self._before(root, options)
         if hooks_off is None:  # policy "hooks": DeepSpeed's hooks do the gathering
             return original_call(root, *args, **kwargs)
         try:
@@ -143,15 +166,12 @@ class DeepSpeedStepGatherer:
         return out
 
     @torch._dynamo.disable
-    def _before(self, root: nn.Module, policy: str) -> "_HooksTakenOut | None":
-        chosen = self.resolve(policy)
+    def _before(self, root: nn.Module, options: dict) -> "_HooksTakenOut | None":
+        chosen = self.resolve(options)
         self.stats.policy = chosen
         if chosen == "hooks":
             return None
         modules = _outside_leaves(root)
-        # Every parameter, the leaves' too: one collective for the whole step, as eager ZeRO-3
-        # with a complete trace prefetches a model that fits its limits; each leaf's
-        # prefetch_all then finds its parameters gathered.
         params = ds.dedupe_params(
             p for m in root.modules() for p in (*m.parameters(recurse=False), *ds.external_parameters(m))
             if ds.partitioned(p)
@@ -159,24 +179,83 @@ class DeepSpeedStepGatherer:
         if self._pending is not None:  # the previous step's forward had no backward
             self._release()
         ds.start_of_forward(self._owner)
+        outside = {id(p) for m in modules for p in m.parameters(recurse=False)}
         if not self._checked:
             self._checked = True
-            outside = {id(p) for m in modules for p in m.parameters(recurse=False)}
             check_same_gather([(int(p.ds_id), int(p.ds_numel), id(p) not in outside) for p in params])
-        missing = ds.not_available(params)
-        ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (the whole model)")
-        gathered = sum(int(p.ds_numel) for p in params)
         self.stats.calls += 1
-        self.stats.gathered_elements = gathered
-        self.stats.peak_gathered_elements = max(self.stats.peak_gathered_elements, gathered)
-        self._pending = params
+        if chosen == "step":
+            self._gather_step(root, params)
+        else:
+            self._prepare_module(params, outside, options)
         hooks_off = _HooksTakenOut(self._slots, modules, root)
         hooks_off.take_out()
         return hooks_off
 
+    def _gather_step(self, root: nn.Module, params: list[nn.Parameter]) -> None:
+        # Every parameter, the leaves' too: one collective for the whole step, as eager ZeRO-3
+        # with a complete trace prefetches a model that fits its limits; each leaf's
+        # prefetch_all then finds its parameters gathered.
+        missing = ds.not_available(params)
+        ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (the whole model)")
+        gathered = sum(int(p.ds_numel) for p in params)
+        self.stats.gathered_elements = gathered
+        self.stats.peak_gathered_elements = max(self.stats.peak_gathered_elements, gathered)
+        self._pending = ("step", params)
+
+    def _prepare_module(self, params: list[nn.Parameter], outside: set[int], options: dict) -> None:
+        # The same state at every frame entry, whatever DeepSpeed kept from the last step:
+        # everything partitioned (persistent parameters excepted) ...
+        ds.release(self._owner, params)
+        # ... and the parameters the graph gathers itself hold stand-ins
+        gathered = [p for p in params if id(p) in outside and not ds.persistent(p)]
+        self._stand_ins.put_in(gathered)
+        self.stats.gathered_elements = 0
+        self._pending = ("module", None)
+        self._previous_plan = set_plan(self._plan(gathered, params, options))
+        # torch's linear for the compiled code: DeepSpeed's replacement would gather the
+        # weight in its backward (Dynamo breaks the graph there); leaves keep DeepSpeed's
+        self._linear_swap = ds.plain_linear_swap()
+        if self._linear_swap is not None:
+            torch.nn.functional.linear = self._linear_swap[1]
+            self._leaf_linear = leaf_environment(self._deepspeed_linear)
+            self._leaf_linear.__enter__()
+
+    def _plan(self, gathered: list[nn.Parameter], params: list[nn.Parameter], options: dict) -> ModulePlan:
+        bucket, distance = self.module_settings(options)
+        plan = self._plans.get((bucket, distance))
+        if plan is None:
+            gather_ids = {id(p) for p in gathered}
+            plan = self._plans[(bucket, distance)] = ModulePlan(
+                root=self._root(), gather_ids=gather_ids,
+                leaf_ids={id(p) for p in params if id(p) not in gather_ids and not ds.persistent(p)},
+                bucket_elements=bucket, prefetch_distance=distance, counter=self._count_gathered,
+            )
+        return plan
+
+    @contextlib.contextmanager
+    def _deepspeed_linear(self):
+        swap = self._linear_swap
+        torch.nn.functional.linear = swap[0]
+        try:
+            yield
+        finally:
+            torch.nn.functional.linear = swap[1]
+
+    def _count_gathered(self, numel: int) -> None:
+        self.stats.gathered_elements += numel
+        self.stats.peak_gathered_elements = max(self.stats.peak_gathered_elements, live_gathered.live)
+
     @torch._dynamo.disable
     def _after(self, hooks_off: "_HooksTakenOut", out, failed: bool) -> None:
         hooks_off.put_back()
+        if self._pending is not None and self._pending[0] == "module":
+            set_plan(self._previous_plan)
+            self._previous_plan = None
+            if self._linear_swap is not None:
+                torch.nn.functional.linear = self._linear_swap[0]
+                self._linear_swap = None
+                self._leaf_linear.__exit__(None, None, None)
         if failed:
             self._release()
             return
@@ -186,21 +265,26 @@ class DeepSpeedStepGatherer:
         else:
             _release_after_backward(needs_grad, self._release_once_for(self._pending))
 
-    def _release_once_for(self, params: list[nn.Parameter]) -> Callable[[], None]:
-        """A release for the gather of ``params`` only: once it (or the next call) has
-        released them, ``_pending`` is no longer ``params`` and it does nothing."""
+    def _release_once_for(self, pending) -> Callable[[], None]:
+        """A release for what the call that left ``pending`` holds only: once it (or the
+        next call) has released it, ``_pending`` is no longer ``pending``: nothing to do."""
 
         def release() -> None:
-            if self._pending is params:
+            if self._pending is pending:
                 self._release()
 
         return release
 
     def _release(self) -> None:
-        params, self._pending = self._pending, None
-        if params:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        kind, params = pending
+        if kind == "step" and params:
             ds.release(self._owner, params)
-            self.stats.releases += 1
+        elif kind == "module":
+            self._stand_ins.take_out()
+        self.stats.releases += 1
 
 
 class _HooksTakenOut:
@@ -263,4 +347,4 @@ def _release_after_backward(tensors: list[torch.Tensor], release: Callable[[], N
 
 # The gatherer's call runs where Dynamo's callback may be active; Dynamo must not try to
 # compile it as a frame of its own (it calls the compiled frame).
-internals.never_compile_as_frame(DeepSpeedStepGatherer.call.__code__)
+internals.never_compile_as_frame(DeepSpeedGatherer.call.__code__)
