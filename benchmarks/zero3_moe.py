@@ -10,16 +10,19 @@ The ways (:data:`leafpass.zero3_compare.WAY_SETUPS`) train the same ``MoEStack``
 Every rank trains on its own batches, so ranks route tokens to different experts. Default
 ways: eager ZeRO-3 with DeepSpeed's default limits, eager ZeRO-3 with strict limits (gather
 each module at its entry, release it after use), ``engine.compile(backend="inductor")``,
-and the same with strict limits, z3leaf with ``gather="step"``, and z3leaf under strict limits
-(where ``gather="auto"`` leaves the non-leaf modules to DeepSpeed's own module hooks: the
-strict-memory option leafpass has today).
+and the same with strict limits, z3leaf with ``gather="step"``, z3leaf under strict limits
+with ``gather="auto"`` (which resolves to ``"module"`` there, with the engine's bucket
+settings: one gather per module, no prefetch), and z3leaf with ``gather="module"`` under
+strict limits and buckets of up to 600,000 elements, no prefetch (``z3leaf_module``: each
+stretch between two leaves in one all-gather; ``leafpass.zero3_compare.WAY_OPTIONS``).
 
-Main pass: graphs, graph breaks, frames Dynamo ran eagerly, all-gathers per step, peak
-gathered parameter elements, compile seconds, median step (forward + backward + optimizer
-step), final loss and whether every loss of every rank matches eager ZeRO-3's within 1e-5,
-peak RSS per rank.
+Main pass: the gather policy each z3leaf way ran with, graphs, graph breaks, frames Dynamo
+ran eagerly, all-gathers per step, peak gathered parameter elements, compile seconds,
+median step (forward + backward + optimizer step), final loss and whether every loss of
+every rank matches eager ZeRO-3's within 1e-5, peak RSS per rank (each way runs in its own
+rank processes, so a way's peak RSS is its own).
 
-Diagnostic pass (``--diagnose-ways``, default eager_strict and z3leaf_strict; ``--no-diagnose`` skips
+Diagnostic pass (``--diagnose-ways``, default eager_strict and z3leaf_module; ``--no-diagnose`` skips
 it): the same run again with timers on rank 0 around DeepSpeed ZeRO-3's per-module
 fetch/release functions, which its forward pre/post hooks and its backward autograd
 functions call for every module, split leaf / non-leaf and forward / backward, plus
@@ -28,8 +31,9 @@ that counts the compiled forward graphs run per step and the forward time spent 
 them. Its step times include the timers' cost and are not used in the main table.
 
 Prints the table, the goals of the gather-policy issue (``step`` <= 0.85x eager ZeRO-3 with
-default limits; the strict-memory z3leaf way <= 0.8x eager with strict limits at no higher
-peak gathered elements; both faster than DeepSpeed + inductor) and the diagnosis; writes
+default limits; ``module`` <= 0.8x eager ZeRO-3 with strict limits at no higher peak
+gathered elements, for each way that ran ``module`` under strict limits; both faster than
+DeepSpeed + inductor) and the diagnosis; writes
 ``benchmarks/results/zero3_moe.json`` with the environment (load average at start and end).
 """
 
@@ -57,7 +61,8 @@ DIAGNOSTIC = (
     "them, leaf calls included for z3leaf). Medians over the steady steps; the timers add their own cost."
 )
 
-DEFAULT_WAYS = ("eager", "eager_strict", "inductor", "inductor_strict", "z3leaf_step", "z3leaf_strict")
+DEFAULT_WAYS = ("eager", "eager_strict", "inductor", "inductor_strict", "z3leaf_step", "z3leaf_strict",
+                "z3leaf_module")
 DEFAULTS = dict(d=256, layers=4, experts=8, top_k=2, tokens=256, steps=20, warmup=2, ranks=2)
 QUICK = dict(d=32, layers=1, experts=4, top_k=2, tokens=16, steps=4, warmup=2, ranks=2)
 
@@ -106,8 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inductor-cache", choices=("fresh", "shared"), default="fresh",
                    help="fresh: an empty Inductor cache per way (cold, comparable compile times; default)")
     p.add_argument("--diagnose-ways", default=None,
-                   help="ways to run again with hook timers (default eager_strict,z3leaf_strict; quick: "
-                   "z3leaf_strict; empty for none)")
+                   help="ways to run again with hook timers (default eager_strict,z3leaf_module; quick: "
+                   "z3leaf_module; empty for none)")
     p.add_argument("--no-diagnose", action="store_true", help="skip the diagnostic pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per way, all ranks (default 1800)")
@@ -129,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.way_list:
         p.error("--ways is empty")
     if args.diagnose_ways is None:
-        args.diagnose_ways = "z3leaf_strict" if args.quick else "eager_strict,z3leaf_strict"
+        args.diagnose_ways = "z3leaf_module" if args.quick else "eager_strict,z3leaf_module"
     args.diagnose_list = [] if args.no_diagnose else ways(args.diagnose_ways)
     return args
 
@@ -153,6 +158,7 @@ def table_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         c: dict[str, Any] = {"way": zc.WAY_LABELS.get(r["way"], r["way"]) + (" (FAILED)" if r.get("error") else "")}
+        c["gather"] = zc.gather_cell(r)
         if r.get("error"):
             out.append(c)
             continue
@@ -199,13 +205,17 @@ def diagnosis_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The gather-policy goals: z3leaf ``step`` <= 0.85x eager ZeRO-3 (default limits); the
-    strict-memory z3leaf way <= 0.8x eager ZeRO-3 with strict limits at no higher peak gathered
-    elements; both faster than DeepSpeed + inductor; and one graph, zero breaks for ``step``."""
+    """The gather-policy goals: z3leaf ``step`` <= 0.85x eager ZeRO-3 (default limits) with one
+    graph and zero breaks; ``module`` <= 0.8x eager ZeRO-3 with strict limits at no higher peak
+    gathered elements (each way that ran ``module`` under strict limits: ``z3leaf_module``,
+    and ``z3leaf_strict`` whose ``auto`` resolves to it); each faster than DeepSpeed + inductor
+    (``module`` ways against inductor under strict limits when it ran)."""
     by = {r["way"]: r for r in rows if not r.get("error")}
     eager, strict = by.get("eager"), by.get("eager_strict")
     ind = by.get("inductor") or by.get("inductor_strict")
-    step, hooks = by.get("z3leaf_step"), by.get("z3leaf_strict") or by.get("z3leaf_hooks")
+    ind_strict = by.get("inductor_strict") or by.get("inductor")
+    step = by.get("z3leaf_step")
+    modules = [r for r in by.values() if r.get("gather") == "module" and r.get("zero_limits") == "strict"]
     out: dict[str, Any] = {}
 
     def ratio(a, b, key="median_step_ms"):
@@ -219,36 +229,40 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if step:
         out["step_one_graph"] = {"graphs": step["graphs"], "graph_breaks": step["graph_breaks"],
                                  "met": step["graphs"] == 1 and step["graph_breaks"] == 0}
-    if hooks and strict:
-        r = ratio(hooks, strict)
-        peak_ok = hooks["peak_gathered_elements"] <= strict["peak_gathered_elements"]
-        out["strict_memory_vs_eager_strict"] = {
-            "way": f"{hooks['way']} (gather={hooks.get('gather')}; gather='module' is not built yet)",
-            "z3leaf_ms": hooks["median_step_ms"], "eager_strict_ms": strict["median_step_ms"], "ratio": r,
-            "goal": 0.8, "met_time": r <= 0.8, "cpu_ratio": ratio(hooks, strict, "median_step_cpu_ms"),
-            "peak_gathered": hooks["peak_gathered_elements"], "eager_strict_peak_gathered":
-            strict["peak_gathered_elements"], "met_memory": peak_ok, "met": r <= 0.8 and peak_ok,
-        }
-    if ind:
-        for name, row in (("step", step), ("hooks", hooks)):
-            if row:
-                r = ratio(row, ind)
-                out[f"{name}_vs_inductor"] = {"z3leaf_ms": row["median_step_ms"], "inductor_ms": ind["median_step_ms"],
-                                              "inductor_way": ind["way"],
-                                              "ratio": r, "met": r < 1.0,
-                                              "cpu_ratio": ratio(row, ind, "median_step_cpu_ms")}
+    if strict and modules:
+        out["module_vs_eager_strict"] = [
+            {**zc.module_goal(row, strict), "graphs": row["graphs"], "graph_breaks": row["graph_breaks"],
+             "all_gathers_per_step": row["all_gathers_per_step"],
+             "eager_strict_all_gathers_per_step": strict["all_gathers_per_step"]}
+            for row in modules
+        ]
+    if ind and step:
+        r = ratio(step, ind)
+        out["step_vs_inductor"] = {"way": step["way"], "z3leaf_ms": step["median_step_ms"],
+                                   "inductor_ms": ind["median_step_ms"], "inductor_way": ind["way"], "ratio": r,
+                                   "met": r < 1.0, "cpu_ratio": ratio(step, ind, "median_step_cpu_ms")}
+    if ind_strict and modules:
+        out["module_vs_inductor"] = [
+            {"way": row["way"], "z3leaf_ms": row["median_step_ms"], "inductor_ms": ind_strict["median_step_ms"],
+             "inductor_way": ind_strict["way"], "ratio": ratio(row, ind_strict),
+             "met": ratio(row, ind_strict) < 1.0, "cpu_ratio": ratio(row, ind_strict, "median_step_cpu_ms")}
+            for row in modules
+        ]
     return out
 
 
 def explain_gap(rows: list[dict[str, Any]], diag: list[dict[str, Any]]) -> dict[str, Any] | None:
     """From the diagnostic pass: hook time per step and the step without it, z3leaf vs eager."""
     by = {r["way"]: r for r in diag if not r.get("error") and r.get("hooks")}
-    z3 = next((by[w] for w in ("z3leaf_strict", "z3leaf_hooks", "z3leaf", "z3leaf_step") if w in by), None)
+    z3 = next((by[w] for w in ("z3leaf_module", "z3leaf_strict", "z3leaf_hooks", "z3leaf", "z3leaf_step") if w in by),
+              None)
     eager = by.get("eager_strict") or by.get("eager")
     if not z3:
         return None
     h = z3["hooks"]
     out: dict[str, Any] = {
+        "z3leaf_way": z3["way"],
+        "z3leaf_gather": z3.get("gather"),
         "z3leaf_step_ms": h["step_ms"],
         "z3leaf_nonleaf_hooks_ms": h["nonleaf_ms"],
         "z3leaf_nonleaf_hook_calls": h["nonleaf_calls"],
@@ -288,20 +302,28 @@ def gap_lines(g: dict[str, Any], gap: dict[str, Any] | None) -> list[str]:
         x = g["step_one_graph"]
         lines.append(f"- gather='step' one graph, zero breaks: {x['graphs']} graph(s), {x['graph_breaks']} breaks "
                      f"({met(x['met'])})")
-    if "strict_memory_vs_eager_strict" in g:
-        x = g["strict_memory_vs_eager_strict"]
-        lines.append(f"- strict memory <= 0.8x eager ZeRO-3 (strict limits) at no higher peak gathered elements, "
-                     f"measured with {x['way']}: {x['z3leaf_ms']:.1f} vs {x['eager_strict_ms']:.1f} ms "
-                     f"({x['ratio']:.2f}x, {met(x['met_time'])}), peak gathered {x['peak_gathered']:g} vs "
-                     f"{x['eager_strict_peak_gathered']:g} ({met(x['met_memory'])})")
-    for name in ("step", "hooks"):
-        x = g.get(f"{name}_vs_inductor")
-        if x:
-            lines.append(f"- gather='{name}' faster than DeepSpeed + inductor ({x['inductor_way']}): {x['z3leaf_ms']:.1f} vs "
-                         f"{x['inductor_ms']:.1f} ms ({x['ratio']:.2f}x, {met(x['met'])}; CPU {x['cpu_ratio']:.2f}x)")
+    def settings(x: dict[str, Any]) -> str:
+        s = x.get("gather_settings")
+        return f"bucket {s['bucket_elements']:,}, prefetch {s['prefetch_distance']}" if s else "module"
+
+    for x in g.get("module_vs_eager_strict", []):
+        lines.append(f"- gather='module' <= {x['goal']:g}x eager ZeRO-3 (strict limits) at no higher peak gathered "
+                     f"elements, {x['way']} ({settings(x)}): {x['ms']:.1f} vs {x['eager_strict_ms']:.1f} ms "
+                     f"({x['ratio']:.2f}x, {met(x['met_time'])}; CPU {x['cpu_ratio']:.2f}x), peak gathered "
+                     f"{x['peak_gathered']:g} vs {x['eager_strict_peak_gathered']:g} ({met(x['met_memory'])}); "
+                     f"{x['graphs']} graph(s), {x['graph_breaks']} breaks, {x['all_gathers_per_step']:g} vs "
+                     f"{x['eager_strict_all_gathers_per_step']:g} all-gathers/step")
+    for x in [g["step_vs_inductor"]] if "step_vs_inductor" in g else []:
+        lines.append(f"- gather='step' faster than DeepSpeed + inductor ({x['inductor_way']}): {x['z3leaf_ms']:.1f} vs "
+                     f"{x['inductor_ms']:.1f} ms ({x['ratio']:.2f}x, {met(x['met'])}; CPU {x['cpu_ratio']:.2f}x)")
+    for x in g.get("module_vs_inductor", []):
+        lines.append(f"- gather='module' ({x['way']}) faster than DeepSpeed + inductor ({x['inductor_way']}): "
+                     f"{x['z3leaf_ms']:.1f} vs {x['inductor_ms']:.1f} ms ({x['ratio']:.2f}x, {met(x['met'])}; "
+                     f"CPU {x['cpu_ratio']:.2f}x)")
     if gap:
         lines.append(
-            f"- what holds z3leaf back (diagnostic pass, rank 0, per step): DeepSpeed's hooks of the non-leaf "
+            f"- what holds {gap['z3leaf_way']} (gather={gap['z3leaf_gather']}) back (diagnostic pass, rank 0, per "
+            f"step): DeepSpeed's hooks of the non-leaf "
             f"modules {gap['z3leaf_nonleaf_hooks_ms']:.1f} ms in {gap['z3leaf_nonleaf_hook_calls']:.0f} calls "
             f"({100 * gap['z3leaf_nonleaf_share']:.0f}% of the {gap['z3leaf_step_ms']:.1f} ms step); leaf hooks "
             f"{gap['z3leaf_leaf_hooks_ms']:.1f} ms, prefetch_all {gap['z3leaf_prefetch_all_ms']:.1f} ms; the step "
@@ -312,8 +334,9 @@ def gap_lines(g: dict[str, Any], gap: dict[str, Any] | None) -> list[str]:
         )
         if gap.get("z3leaf_graph_runs_per_step") is not None:
             lines.append(
-                f"- the hooks split the compiled program: {gap['z3leaf_graph_runs_per_step']:.0f} compiled forward "
-                f"graphs run per step, {gap['z3leaf_forward_in_graphs_ms']:.1f} ms of the "
+                f"- compiled forward graphs run per step: {gap['z3leaf_graph_runs_per_step']:.0f}"
+                + (" (the hooks split the compiled program)" if gap["z3leaf_graph_runs_per_step"] > 1 else "")
+                + f", {gap['z3leaf_forward_in_graphs_ms']:.1f} ms of the "
                 f"{gap['z3leaf_forward_ms']:.1f} ms forward inside them (leaf calls included), "
                 f"{100 * gap['z3leaf_forward_outside_graphs_share']:.0f}% outside"
             )
@@ -343,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         if row.get("error"):
             print(f"  {row['way']:12s} FAILED: {row['error']}", flush=True)
         else:
+            compiled = f"compile={row['compile_s']:.1f}s " if row["backend"] is not None else ""
             print(f"  {row['way']:12s} graphs={row['graphs']} breaks={row['graph_breaks']} "
-                  f"compile={row['compile_s']:.1f}s step={row['median_step_ms']:.1f}ms ({row['wall_s']:.0f}s)",
-                  flush=True)
+                  f"{compiled}step={row['median_step_ms']:.1f}ms ({row['wall_s']:.0f}s)", flush=True)
 
     rows = zc.compare(spec, args.way_list, on_start=lambda w: print(f"{w} ...", flush=True), on_row=report)
 

@@ -3,11 +3,15 @@
 Under DeepSpeed's default limits, eager ZeRO-3 and ``engine.compile(backend="z3leaf")``
 (whose ``gather="auto"`` gathers the whole model once per step: one graph per forward);
 under strict limits (each module gathered at its entry, released after use), eager ZeRO-3,
-``engine.compile(backend="inductor")`` and z3leaf (``auto`` then leaves the non-leaf
-modules to DeepSpeed's hooks). They train the same ``MoEStack`` on the same data (each rank its own batches, so the ranks route
-tokens differently); a progress bar per way on stderr, then a table side by side and a
-short reading of it on stdout. See :mod:`leafpass.zero3_compare` for what each column
-means. Offline, CPU only (gloo), a few minutes on 2 cores with the defaults.
+``engine.compile(backend="inductor")`` and z3leaf (``auto`` then picks ``gather="module"``:
+the compiled graph gathers each non-leaf module itself, right before its first use, and
+frees it after its last, one graph per forward as well). They train the same ``MoEStack``
+on the same data (each rank its own batches, so the ranks route tokens differently); a
+progress bar per way on stderr, then a table side by side and a short reading of it on
+stdout (which compares the strict ``module`` way with eager ZeRO-3 under strict limits:
+step time and peak gathered elements). ``--ways`` adds others, e.g. ``z3leaf_module``
+(``gather="module"`` with larger buckets). See :mod:`leafpass.zero3_compare` for what each
+column means. Offline, CPU only (gloo), a few minutes on 2 cores with the defaults.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ __all__ = ["DEMO_WAYS", "main", "parse_args"]
 # DeepSpeed's default limits and strict ones (each module gathered at its entry and released
 # after use). engine.compile(backend="inductor") runs under strict limits only: under the
 # default ones it fails on this model (a DeepSpeed assertion in the compiled backward).
+# z3leaf's gather="auto" resolves to "step" under the default limits (the model fits) and
+# to "module" under the strict ones (it does not fit under stage3_max_live_parameters=0).
 DEMO_WAYS = ("eager", "z3leaf", "eager_strict", "inductor_strict", "z3leaf_strict")
 
 

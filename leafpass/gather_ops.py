@@ -47,7 +47,8 @@ __all__ = [
 
 _ids = itertools.count(1)
 _buckets: dict[int, Any] = {}
-# bucket id -> handles of starts not yet waited for, oldest first
+# bucket id -> the handle of its start not yet waited for (a program never interleaves two
+# starts of one bucket: each start is followed by its own wait before the bucket starts again)
 _in_flight: dict[int, collections.deque] = collections.defaultdict(collections.deque)
 
 
@@ -69,8 +70,9 @@ def lookup_bucket(bucket_id: int) -> Any:
 
 
 class LiveGathered:
-    """Elements gathered by the ops and still alive (not yet freed by the compiled code),
-    and the most alive at once since the last :meth:`reset_peak`.
+    """Elements gathered by the ops and still alive (not yet freed by the compiled code):
+    receive buffers from ``gather_start`` on and the whole weights ``gather_wait`` cuts
+    from them, and the most alive at once since the last :meth:`reset_peak`.
 
     ``listeners`` are called with the live count after every gather (memory probes use it
     to sample at the moments the count peaks)."""
@@ -82,12 +84,17 @@ class LiveGathered:
         self.listeners: list[Callable[[int], None]] = []
 
     def add(self, tensors: list[torch.Tensor]) -> None:
+        """Count ``tensors`` as gathered until each is freed."""
         for t in tensors:
             n = t.numel()
             with self._lock:
                 self.live += n
                 self.peak = max(self.peak, self.live)
             weakref.finalize(t, self._sub, n)
+        self.changed()
+
+    def changed(self) -> None:
+        """Tell the listeners that what is gathered grew (here, or in an engine's own gather)."""
         for listener in tuple(self.listeners):
             listener(self.live)
 
@@ -105,8 +112,12 @@ live_gathered = LiveGathered()
 @torch.library.custom_op("leafpass::gather_start", mutates_args=())
 def gather_start(params: list[torch.Tensor], bucket: int) -> torch.Tensor:
     """Issue the all-gather of bucket ``bucket``; returns the buffer it fills."""
+    pending = _in_flight[bucket]
+    while pending:  # a start whose wait never ran (its call raised in between): drain it
+        pending.popleft().wait()
     buffer, handle = lookup_bucket(bucket).start()
-    _in_flight[bucket].append(handle)
+    pending.append(handle)
+    live_gathered.add([buffer])  # the whole bucket is held from now on
     return buffer
 
 

@@ -80,6 +80,9 @@ def prefetch_start(leaf: str, leaf_id: int) -> None:
     start = getattr(runtime, "prefetch_start", None)
     if start is not None:
         start(module, params)
+        from .gather_ops import live_gathered
+
+        live_gathered.changed()  # the leaf's memory is held from now on
 
 
 @prefetch_start.register_fake

@@ -106,7 +106,7 @@ def check_same_gather(gather: list[tuple[int, int, bool]]) -> None:
     )
     first = next(iter(_differing_positions(schedules)), None)
     raise LeafScheduleMismatch(
-        f"leafpass: ranks would gather different parameters before the compiled forward, or flag "
-        f"different leaves (gather='step') -- {sizes}; first difference at position {first}. "
+        f"leafpass: ranks would gather different parameters in the compiled forward, or flag "
+        f"different leaves (gather='step' or 'module') -- {sizes}; first difference at position {first}. "
         f"Flag the same modules on every rank, before deepspeed.initialize and torch.compile."
     )

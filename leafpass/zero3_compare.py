@@ -15,7 +15,15 @@ in several ways (:data:`WAY_SETUPS`):
   (inner compiler inductor unless ``inner`` says otherwise) with ``gather`` ``auto``,
   ``step`` or ``hooks``: every ``MoEBlock`` stays opaque, gathered by one
   ``prefetch_all`` per call; the other modules are gathered in one all-gather before the
-  compiled forward (``step``) or by DeepSpeed's module hooks (``hooks``).
+  compiled forward (``step``) or by DeepSpeed's module hooks (``hooks``);
+* ``z3leaf_strict``: z3leaf with ``gather="auto"`` under strict limits, where the model
+  does not fit under ``stage3_max_live_parameters`` (0), so ``auto`` picks ``module``
+  with the engine's own bucket settings (``stage3_prefetch_bucket_size`` 0: one gather per
+  module, no prefetch);
+* ``z3leaf_module``: z3leaf with ``gather="module"`` under strict limits and the extra
+  z3leaf options of :data:`WAY_OPTIONS` (buckets of up to 600,000 elements, no prefetch):
+  the compiled graph gathers the non-leaf parameters itself, each stretch between two
+  leaves in one all-gather, and frees them after their last use.
 
 ::
 
@@ -59,20 +67,25 @@ __all__ = [
     "DEFINITIONS",
     "INNER_CHOICES",
     "LOSS_TOLERANCE",
+    "MODULE_GOAL_VS_EAGER_STRICT",
     "WAYS",
+    "WAY_OPTIONS",
     "WAY_SETUPS",
     "ZERO_PRESETS",
     "CompareSpec",
     "DeepSpeedMissing",
     "check_deepspeed",
     "compare",
+    "gather_cell",
     "markdown_table",
+    "module_goal",
     "reading",
     "run_way",
+    "z3leaf_options",
 ]
 
 WAYS = ("eager", "eager_strict", "inductor", "inductor_strict", "z3leaf", "z3leaf_step", "z3leaf_strict",
-        "z3leaf_hooks")
+        "z3leaf_module", "z3leaf_hooks")
 # way -> (backend, ZeRO-3 limits preset or None for the spec's, z3leaf's gather option)
 WAY_SETUPS: dict[str, tuple[str | None, str | None, str | None]] = {
     "eager": (None, None, None),
@@ -82,8 +95,25 @@ WAY_SETUPS: dict[str, tuple[str | None, str | None, str | None]] = {
     "z3leaf": ("z3leaf", None, "auto"),
     "z3leaf_step": ("z3leaf", None, "step"),
     "z3leaf_strict": ("z3leaf", "strict", "auto"),
+    "z3leaf_module": ("z3leaf", "strict", "module"),
     "z3leaf_hooks": ("z3leaf", None, "hooks"),
 }
+# way -> more z3leaf options (besides inner and gather); ways not named pass none, so
+# gather="module" takes its bucket size and prefetch distance from the engine's config.
+# z3leaf_module: buckets of up to 600,000 elements hold every stretch between two leaves
+# of the benchmark's MoEStack (d=256: at most ~330,000 elements) in one all-gather; no
+# prefetch, so no bucket or leaf is in flight while another is gathered, and at most one
+# bucket (its receive buffer and its weights while they are cut apart) or one leaf (~2.1e6
+# elements) is whole at a time: no more than eager ZeRO-3 under strict limits holds. A
+# prefetch distance of 1 would gather the next leaf while the last bucket is alive: faster
+# on a network that overlaps, but above eager's peak (GatheredElementsTracker counts
+# gathers in flight).
+WAY_OPTIONS: dict[str, dict[str, Any]] = {
+    "z3leaf_module": {"bucket_elements": 600_000, "prefetch_distance": 0},
+}
+# the goal of gather="module": a step at most this fraction of eager ZeRO-3's under strict
+# limits, at no higher peak gathered elements
+MODULE_GOAL_VS_EAGER_STRICT = 0.8
 INNER_CHOICES = ("inductor", "aot_eager", "eager")
 LOSS_TOLERANCE = 1e-5  # max |loss - eager loss| over every step of every rank
 
@@ -99,11 +129,18 @@ ZERO_PRESETS: dict[str, dict[str, Any]] = {
 DEFINITIONS = {
     "way": "eager: the engine not compiled; inductor: engine.compile(backend='inductor'); z3leaf: "
     "engine.compile(backend='z3leaf') with gather='auto'; z3leaf_step / z3leaf_hooks: the same with "
-    "gather='step' / 'hooks'; a _strict suffix: with strict ZeRO-3 limits instead of the spec's",
+    "gather='step' / 'hooks'; a _strict suffix: with strict ZeRO-3 limits instead of the spec's "
+    "(z3leaf_strict: gather='auto', which resolves to 'module' there); z3leaf_module: gather='module' "
+    "under strict limits with the z3leaf options in WAY_OPTIONS",
     "zero_limits": "the ZeRO-3 limits preset the way ran with (ZERO_PRESETS)",
     "gather": "z3leaf ways: the gather policy leafpass ran with (gather='auto' resolved)",
+    "z3leaf_options": "z3leaf ways: the options passed to the backend (inner, gather and WAY_OPTIONS)",
+    "gather_settings": "ways whose gather resolved to 'module': the bucket_elements and prefetch_distance it "
+    "ran with (the options', else the engine's stage3_prefetch_bucket_size and 1, or 0 when that is 0)",
     "peak_gathered_elements": "most ZeRO-3 parameter elements gathered at once during a steady step, max over "
-    "ranks (leafpass.runtime.deepspeed_probe.GatheredElementsTracker; persistent parameters left out)",
+    "ranks (leafpass.runtime.deepspeed_probe.GatheredElementsTracker): DeepSpeed's AVAILABLE parameters plus "
+    "the buffers and weights gather='module''s in-graph gathers hold (gather_ops.live_gathered); gathers in "
+    "flight count from their start; persistent parameters left out",
     "graphs": "graphs Dynamo compiled in rank 0 over the whole run "
     "(torch._dynamo.utils.counters['stats']['unique_graphs']); 0 for eager",
     "graph_breaks": "graph breaks in rank 0 over the whole run (sum of counters['graph_break']); 0 for eager",
@@ -124,7 +161,9 @@ DEFINITIONS = {
     "machine than wall time, but without the time spent waiting for the other rank",
     "final_loss": "rank 0's loss at the last step",
     "losses_match_eager": f"max |loss - eager's loss| over every step of every rank <= {LOSS_TOLERANCE:g}",
-    "peak_rss_mb": "peak resident set size of each rank process (resource.getrusage ru_maxrss), MiB",
+    "peak_rss_mb": "peak resident set size of each rank process over its whole life (resource.getrusage "
+    "RUSAGE_SELF ru_maxrss, read after the last step: imports, DeepSpeed setup, compiles and steps), MiB; each "
+    "way runs in fresh rank processes, so it is that way's own",
     "load_average": "os.getloadavg() when the way finished (1, 5, 15 minutes): other load on the machine",
     "error": "why the way failed (its rank's last error line), None if it ran",
     "hooks": "hook_timing pass only: rank 0's seconds per steady step inside DeepSpeed ZeRO-3's "
@@ -359,6 +398,15 @@ def _quiet_logs(quiet: bool) -> _RecompileLimitCounter:
     return counter
 
 
+def z3leaf_options(way: str, spec: CompareSpec) -> dict[str, Any] | None:
+    """The ``options`` a z3leaf way compiles with: ``inner``, ``gather`` and the way's
+    :data:`WAY_OPTIONS`; None for the other ways."""
+    backend, _, gather = WAY_SETUPS[way]
+    if backend != "z3leaf":
+        return None
+    return {"inner": spec.inner, "gather": gather, **WAY_OPTIONS.get(way, {})}
+
+
 def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[str, Any]:
     """Train ``spec.steps`` steps of one way on this rank; return its figures."""
     import torch
@@ -403,7 +451,7 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
     model = MoEStack(spec.d, spec.n_layers, spec.n_experts, spec.top_k, spec.hidden)
     deepspeed.utils.set_z3_leaf_modules(model, [MoEBlock])  # before deepspeed.initialize
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr)
-    way_backend, way_limits, way_gather = WAY_SETUPS[way]
+    way_backend, way_limits, _ = WAY_SETUPS[way]
     config = zero3_config(1, **spec.zero_kwargs(way_limits))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 
@@ -412,7 +460,7 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
         backend: Any = way_backend
         compile_kwargs: dict[str, Any] = {}
         if way_backend == "z3leaf":
-            compile_kwargs["options"] = {"inner": spec.inner, "gather": way_gather}
+            compile_kwargs["options"] = z3leaf_options(way, spec)
         if spec.hook_timing:
             backend = counting = _CountingBackend(way_backend, compile_kwargs.pop("options", None))
         engine.compile(backend=backend, compile_kwargs=compile_kwargs)
@@ -475,6 +523,15 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
 
     graphs = int(counters["stats"]["unique_graphs"])
     breaks = int(sum(counters["graph_break"].values()))
+    policy = getattr(gather_stats(engine.module), "policy", None) if way_backend == "z3leaf" else None
+    gather_settings = None
+    if policy == "module":
+        from .gather import root_gatherer
+
+        gatherer = root_gatherer(engine.module)
+        if gatherer is not None and hasattr(gatherer, "module_settings"):
+            bucket, distance = gatherer.module_settings(z3leaf_options(way, spec))
+            gather_settings = {"bucket_elements": bucket, "prefetch_distance": distance}
     reasons: dict[str, int] = {}
     for reason, count in counters["graph_break"].items():
         text = str(reason).strip().splitlines()
@@ -502,14 +559,16 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
         "peak_rss_mb": _rss_mb(),
         "peak_gathered": peak_gathered,
         "zero_limits": way_limits or spec.zero_limits,
-        "gather": getattr(gather_stats(engine.module), "policy", None) if way_backend == "z3leaf" else None,
+        "gather": policy,
+        "gather_settings": gather_settings,
     }
 
 
 # ---------------------------------------------------------------------------- parent side
 
 _ROW_KEYS = (
-    "way", "backend", "inner", "zero_limits", "gather", "peak_gathered_elements", "graphs", "graph_breaks",
+    "way", "backend", "inner", "zero_limits", "gather", "z3leaf_options", "gather_settings",
+    "peak_gathered_elements", "graphs", "graph_breaks",
     "all_gathers_per_step", "compile_s",
     "first_step_compile_s", "first_step_s", "median_step_ms", "median_step_cpu_ms",
     "median_step_cpu_ms_per_rank", "final_loss", "losses", "losses_match_eager", "loss_max_abs_diff",
@@ -579,6 +638,8 @@ def _row(way: str, spec: CompareSpec, ranks: list[dict[str, Any]], wall_s: float
         "inner": spec.inner if WAY_SETUPS[way][0] == "z3leaf" else None,
         "zero_limits": r0["zero_limits"],
         "gather": r0["gather"],
+        "z3leaf_options": z3leaf_options(way, spec),
+        "gather_settings": r0["gather_settings"],
         "peak_gathered_elements": max((max(r["peak_gathered"][steady]) for r in ranks), default=None),
         "graphs": r0["graphs"],
         "graph_breaks": r0["graph_breaks"],
@@ -667,7 +728,8 @@ def _failed_row(way: str, spec: CompareSpec, exc: Exception, wall_s: float) -> d
         reason = next((ln for ln in reversed(tb_lines[: _first_other_rank(lines)]) if ln), lines[-1] if lines else "?")
     row = {key: None for key in _ROW_KEYS}
     row.update(way=way, backend=WAY_SETUPS[way][0], inner=spec.inner if WAY_SETUPS[way][0] == "z3leaf" else None,
-               error=reason[:300], error_text=text, wall_s=wall_s, hook_timing=spec.hook_timing)
+               z3leaf_options=z3leaf_options(way, spec), error=reason[:300], error_text=text, wall_s=wall_s,
+               hook_timing=spec.hook_timing)
     return row
 
 
@@ -733,6 +795,7 @@ def compare(
 
 TABLE_COLUMNS = [
     ("way", "way"),
+    ("gather", "gather"),
     ("graphs", "graphs"),
     ("graph_breaks", "graph breaks"),
     ("frames_skipped", "frames run eagerly"),
@@ -754,9 +817,22 @@ WAY_LABELS = {
     "inductor_strict": "engine.compile(inductor), strict",
     "z3leaf": "z3leaf (gather auto)",
     "z3leaf_step": "z3leaf gather=step",
-    "z3leaf_strict": "z3leaf, strict (auto: hooks)",
+    "z3leaf_strict": "z3leaf, strict (auto: module)",
+    "z3leaf_module": "z3leaf gather=module, strict",
     "z3leaf_hooks": "z3leaf gather=hooks",
 }
+
+
+def gather_cell(row: dict[str, Any]) -> str:
+    """The gather policy a z3leaf way ran with (``auto`` resolved), and for ``module`` its
+    bucket size (elements; 0: one gather per module) and prefetch distance; ``-`` otherwise."""
+    policy = row.get("gather")
+    if not policy:
+        return "-"
+    settings = row.get("gather_settings")
+    if settings:
+        return f"{policy} (bucket {settings['bucket_elements']:,}, prefetch {settings['prefetch_distance']})"
+    return str(policy)
 
 
 def _cell(key: str, value: Any) -> str:
@@ -786,7 +862,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     headers = [h for _, h in columns]
     body = []
     for row in rows:
-        cells = [_cell(k, None if (k == "compile_s" and row.get("backend") is None) else row.get(k)) for k, _ in columns]
+        cells = [
+            gather_cell(row) if k == "gather"
+            else _cell(k, None if (k == "compile_s" and row.get("backend") is None) else row.get(k))
+            for k, _ in columns
+        ]
         if row.get("error") and columns and columns[0][0] == "way":
             cells[0] += " (FAILED)"
         body.append(cells)
@@ -798,9 +878,34 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in body])
 
 
+def module_goal(row: dict[str, Any], eager_strict: dict[str, Any]) -> dict[str, Any]:
+    """``row`` (a way that ran ``gather="module"`` under strict limits) against eager ZeRO-3
+    under strict limits: step time ratio (wall and CPU) and peak gathered elements, and
+    whether it meets the goal (<= :data:`MODULE_GOAL_VS_EAGER_STRICT` x the step time at no
+    higher peak gathered elements)."""
+    ratio = row["median_step_ms"] / eager_strict["median_step_ms"]
+    peak, ref_peak = row.get("peak_gathered_elements"), eager_strict.get("peak_gathered_elements")
+    met_memory = peak is not None and ref_peak is not None and peak <= ref_peak
+    met_time = ratio <= MODULE_GOAL_VS_EAGER_STRICT
+    return {
+        "way": row["way"], "gather_settings": row.get("gather_settings"),
+        "ms": row["median_step_ms"], "eager_strict_ms": eager_strict["median_step_ms"], "ratio": ratio,
+        "cpu_ratio": row["median_step_cpu_ms"] / eager_strict["median_step_cpu_ms"],
+        "goal": MODULE_GOAL_VS_EAGER_STRICT, "met_time": met_time,
+        "peak_gathered": peak, "eager_strict_peak_gathered": ref_peak, "met_memory": met_memory,
+        "met": met_time and met_memory,
+    }
+
+
+def _strict_module_row(row: dict[str, Any]) -> bool:
+    return row.get("gather") == "module" and row.get("zero_limits") == "strict"
+
+
 def reading(rows: Sequence[dict[str, Any]]) -> str:
     """One paragraph that reads the table: graphs/breaks, step times against eager ZeRO-3 (with
-    the spec's limits and with strict ones), all-gathers, peak gathered elements, losses."""
+    the spec's limits and with strict ones), all-gathers, peak gathered elements, losses; and,
+    for the ways that ran ``gather="module"`` under strict limits, the goal against eager ZeRO-3
+    with strict limits (step time and peak gathered elements)."""
     ok = [r for r in rows if not r.get("error")]
     by = {r["way"]: r for r in ok}
     eager, strict = by.get("eager"), by.get("eager_strict")
@@ -810,13 +915,30 @@ def reading(rows: Sequence[dict[str, Any]]) -> str:
             continue
         text = f"{r['way']}: {r['graphs']} graphs / {r['graph_breaks']} breaks"
         if r.get("gather"):
-            text += f" (gather={r['gather']})"
+            settings = r.get("gather_settings")
+            text += f" (gather={r['gather']}" + (
+                f", buckets of {settings['bucket_elements']:,} elements, prefetch distance "
+                f"{settings['prefetch_distance']}" if settings else "") + ")"
         text += f", median step {r['median_step_ms']:.1f} ms"
         for ref in (eager, strict):
             if ref:
                 text += (f", {r['median_step_ms'] / ref['median_step_ms']:.2f}x {ref['way']} "
                          f"(CPU {r['median_step_cpu_ms'] / ref['median_step_cpu_ms']:.2f}x)")
+        if strict and r.get("zero_limits") == "strict" and r.get("peak_gathered_elements") is not None:
+            text += (f", peak gathered {_cell('peak_gathered_elements', r['peak_gathered_elements'])} vs "
+                     f"eager_strict's {_cell('peak_gathered_elements', strict.get('peak_gathered_elements'))}")
         parts.append(text + f", compile {r['compile_s']:.1f} s")
+    if strict:
+        for r in ok:
+            if _strict_module_row(r):
+                g = module_goal(r, strict)
+                parts.append(
+                    f"goal of gather=module, {r['way']} <= {g['goal']:g}x eager_strict at no higher peak gathered "
+                    f"elements: step {g['ratio']:.2f}x ({'met' if g['met_time'] else 'NOT met'}; CPU "
+                    f"{g['cpu_ratio']:.2f}x), peak {_cell('peak_gathered_elements', g['peak_gathered'])} vs "
+                    f"{_cell('peak_gathered_elements', g['eager_strict_peak_gathered'])} "
+                    f"({'met' if g['met_memory'] else 'NOT met'})"
+                )
     for r in ok:
         if r["backend"] is None:
             parts.append(f"{r['way']}: median step {r['median_step_ms']:.1f} ms")

@@ -37,11 +37,12 @@ ROW_KEYS = {
     "error",
 }
 
-# Tiny sizes: the run is dominated by two cold-ish compiles per rank (inductor, z3leaf). Three
+# Tiny sizes: the run is dominated by cold-ish compiles per rank (inductor, z3leaf twice). Four
 # of the demo's ways keep the run short: eager ZeRO-3 and z3leaf under DeepSpeed's default
-# limits (where gather='auto' picks 'step'), and DeepSpeed + inductor under strict limits
-# (under default limits it fails on this model: see test_failed_way_becomes_a_row_with_its_error).
-WAYS = ["eager", "inductor_strict", "z3leaf"]
+# limits (where gather='auto' picks 'step'), DeepSpeed + inductor under strict limits (under
+# default limits it fails on this model: see test_failed_way_becomes_a_row_with_its_error)
+# and z3leaf under strict limits (where gather='auto' picks 'module').
+WAYS = ["eager", "inductor_strict", "z3leaf", "z3leaf_strict"]
 DEMO_ARGS = ["--steps", "2", "--layers", "1", "--d", "16", "--experts", "4", "--tokens", "8",
              "--ways", ",".join(WAYS)]
 
@@ -54,7 +55,7 @@ def demo_run(tmp_path_factory) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # "shared": the usual on-disk Inductor cache, so reruns of the suite are quicker.
     cmd = [sys.executable, "-m", "leafpass", "demo", *DEMO_ARGS, "--inductor-cache", "shared", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     assert out.exists(), proc.stdout[-2000:]
     result = json.loads(out.read_text())
@@ -69,8 +70,8 @@ def _row(result: dict, way: str) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(480)
-def test_demo_json_has_three_complete_rows(demo_run):
+@pytest.mark.timeout(600)
+def test_demo_json_has_complete_rows(demo_run):
     assert [r["way"] for r in demo_run["rows"]] == WAYS
     for row in demo_run["rows"]:
         missing = ROW_KEYS - set(row)
@@ -86,7 +87,7 @@ def test_demo_json_has_three_complete_rows(demo_run):
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 def test_z3leaf_compiles_one_graph_with_step_gather(demo_run):
     inductor, z3leaf = _row(demo_run, "inductor_strict"), _row(demo_run, "z3leaf")
     assert z3leaf["gather"] == "step" and z3leaf["zero_limits"] == "default"
@@ -98,16 +99,30 @@ def test_z3leaf_compiles_one_graph_with_step_gather(demo_run):
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
+def test_z3leaf_strict_resolves_to_module_gather(demo_run):
+    strict, step = _row(demo_run, "z3leaf_strict"), _row(demo_run, "z3leaf")
+    assert strict["zero_limits"] == "strict" and strict["gather"] == "module"
+    # the engine's settings under strict limits: stage3_prefetch_bucket_size 0, so no prefetch
+    assert strict["gather_settings"] == {"bucket_elements": 0, "prefetch_distance": 0}
+    assert strict["z3leaf_options"] == {"inner": "inductor", "gather": "auto"}
+    assert strict["graphs"] == 1 and strict["graph_breaks"] == 0
+    # the in-graph gathers hold a module or a leaf at a time, not the whole model as 'step' does
+    assert 0 < strict["peak_gathered_elements"] < step["peak_gathered_elements"]
+    assert strict["all_gathers_per_step"] > step["all_gathers_per_step"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
 def test_compiled_losses_match_eager(demo_run):
-    for way in ("inductor_strict", "z3leaf"):
+    for way in ("inductor_strict", "z3leaf", "z3leaf_strict"):
         row = _row(demo_run, way)
         assert row["losses_match_eager"] is True, (way, row["loss_max_abs_diff"])
         assert row["loss_max_abs_diff"] <= zc.LOSS_TOLERANCE
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 def test_table_and_reading_on_stdout(demo_run):
     out = demo_run["_stdout"]
     assert "| way" in out and "| graphs" in out and "| graph breaks" in out and "| peak gathered elems" in out
@@ -115,6 +130,9 @@ def test_table_and_reading_on_stdout(demo_run):
         label = zc.WAY_LABELS[way]
         assert any(line.startswith(f"| {label}") for line in out.splitlines()), label
     assert "losses match eager" in out and "z3leaf: 1 graphs / 0 breaks (gather=step)" in out
+    assert "z3leaf_strict: 1 graphs / 0 breaks (gather=module, buckets of 0 elements, prefetch distance 0)" in out
+    strict_line = next(line for line in out.splitlines() if line.startswith(f"| {zc.WAY_LABELS['z3leaf_strict']}"))
+    assert "| module (bucket 0, prefetch 0) |" in strict_line
     # The progress bars go to stderr, one per way.
     assert "z3leaf   step 2/2" in demo_run["_stderr"]
 
@@ -126,6 +144,26 @@ def test_default_ways_compare_default_and_strict_limits():
     limits = {zc.WAY_SETUPS[w][1] or zc.CompareSpec().zero_limits for w in DEMO_WAYS}
     assert limits == {"default", "strict"}
     assert {zc.WAY_SETUPS[w][0] for w in DEMO_WAYS} == {None, "inductor", "z3leaf"}
+    # z3leaf under strict limits runs gather='auto', which resolves to 'module' there
+    assert zc.WAY_SETUPS["z3leaf_strict"] == ("z3leaf", "strict", "auto")
+    assert "module" in zc.WAY_LABELS["z3leaf_strict"] and "hooks" not in zc.WAY_LABELS["z3leaf_strict"]
+
+
+def test_every_way_has_a_setup_and_a_label_and_module_ways_their_options():
+    assert set(zc.WAYS) == set(zc.WAY_SETUPS) == set(zc.WAY_LABELS)
+    assert set(zc.WAY_OPTIONS) <= set(zc.WAYS)
+    spec = zc.CompareSpec(inner="aot_eager")
+    assert zc.WAY_SETUPS["z3leaf_module"] == ("z3leaf", "strict", "module")
+    assert zc.z3leaf_options("z3leaf_module", spec) == {
+        "inner": "aot_eager", "gather": "module", "bucket_elements": 600_000, "prefetch_distance": 0,
+    }
+    assert zc.z3leaf_options("z3leaf_strict", spec) == {"inner": "aot_eager", "gather": "auto"}
+    assert zc.z3leaf_options("eager_strict", spec) is None
+    from leafpass.backend import _check_options
+
+    for way in zc.WAYS:  # every way's options are valid z3leaf options
+        if zc.WAY_SETUPS[way][0] == "z3leaf":
+            _check_options(zc.z3leaf_options(way, spec))
 
 
 # ------------------------------------------------------------------ no ranks started
@@ -160,10 +198,12 @@ def test_missing_deepspeed_names_the_extra(monkeypatch, capsys):
     assert "pip install 'leafpass[deepspeed]'" in err and len(err.strip().splitlines()) == 1
 
 
-def _fake_row(way: str, losses, graphs=0, breaks=0, step_ms=100.0, error=None) -> dict:
+def _fake_row(way: str, losses, graphs=0, breaks=0, step_ms=100.0, error=None, gather=None, peak=500,
+              gather_settings=None) -> dict:
     return {
-        "way": way, "backend": zc.WAY_SETUPS[way][0], "gather": zc.WAY_SETUPS[way][2], "graphs": graphs,
-        "graph_breaks": breaks, "frames_skipped": 0, "all_gathers_per_step": 4.0, "peak_gathered_elements": 500,
+        "way": way, "backend": zc.WAY_SETUPS[way][0], "gather": gather or zc.WAY_SETUPS[way][2],
+        "gather_settings": gather_settings, "zero_limits": zc.WAY_SETUPS[way][1] or "default", "graphs": graphs,
+        "graph_breaks": breaks, "frames_skipped": 0, "all_gathers_per_step": 4.0, "peak_gathered_elements": peak,
         "compile_s": 1.0, "median_step_ms": step_ms, "median_step_cpu_ms": step_ms / 2, "final_loss": losses[0][-1],
         "losses": losses, "losses_match_eager": None, "loss_max_abs_diff": None, "peak_rss_mb": [100.0, 120.0],
         "error": error,
@@ -188,6 +228,56 @@ def test_comparison_table_and_reading_from_rows():
     assert "z3leaf_step: 3 graphs / 4 breaks (gather=step), median step 120.0 ms, 1.20x eager (CPU 1.20x)" in text
     assert "inductor: 9 graphs / 12 breaks, median step 150.0 ms, 1.50x eager" in text
     assert "inductor NO" in text and "z3leaf_step yes" in text
+
+
+def test_module_rows_are_read_against_eager_strict():
+    losses = [[1.0, 0.5]]
+    strict = _fake_row("eager_strict", losses, step_ms=200.0, peak=2000)
+    module = _fake_row("z3leaf_module", losses, graphs=1, step_ms=120.0, peak=2000,
+                       gather_settings={"bucket_elements": 600_000, "prefetch_distance": 0})
+    auto = _fake_row("z3leaf_strict", losses, graphs=1, step_ms=180.0, peak=2500, gather="module",
+                     gather_settings={"bucket_elements": 0, "prefetch_distance": 0})
+    hooks = _fake_row("z3leaf_hooks", losses, graphs=5, breaks=9, step_ms=100.0, peak=9000)
+    rows = [strict, auto, module, hooks]
+    text = zc.reading(rows)
+    assert ("z3leaf_module: 1 graphs / 0 breaks (gather=module, buckets of 600,000 elements, prefetch distance 0), "
+            "median step 120.0 ms, 0.60x eager_strict (CPU 0.60x), peak gathered 2000 vs eager_strict's 2000") in text
+    assert ("goal of gather=module, z3leaf_module <= 0.8x eager_strict at no higher peak gathered elements: "
+            "step 0.60x (met; CPU 0.60x), peak 2000 vs 2000 (met)") in text
+    # slower than the goal and a higher peak: both halves fail
+    assert "z3leaf_strict <= 0.8x eager_strict at no higher peak gathered elements: step 0.90x (NOT met" in text
+    assert "peak 2500 vs 2000 (NOT met)" in text
+    # a way that did not run gather='module' under strict limits gets no goal
+    assert "goal of gather=module, z3leaf_hooks" not in text
+    goal = zc.module_goal(module, strict)
+    assert goal["met"] and goal["ratio"] == pytest.approx(0.6)
+    assert not zc.module_goal(auto, strict)["met_memory"]
+    table = zc.markdown_table(rows).splitlines()
+    gather_col = [h.strip() for h in table[0].split("|")].index("gather")
+    cells = [line.split("|")[gather_col].strip() for line in table[2:]]
+    assert cells == ["-", "module (bucket 0, prefetch 0)", "module (bucket 600,000, prefetch 0)", "hooks"]
+
+
+def test_gathered_elements_tracker_counts_in_graph_gathers():
+    import torch
+
+    from leafpass.gather_ops import live_gathered
+    from leafpass.runtime.deepspeed_probe import GatheredElementsTracker
+
+    tracker = GatheredElementsTracker(torch.nn.Linear(2, 2))  # no ZeRO-3 parameters: in-graph gathers only
+    before = len(live_gathered.listeners)
+    base = live_gathered.live
+    with tracker:
+        assert len(live_gathered.listeners) == before + 1
+        weights = [torch.empty(300), torch.empty(200)]
+        live_gathered.add(weights)  # what gather_wait does; the listener samples the peak
+        assert tracker.current() == 500 + base
+        del weights
+        assert tracker.current() == base  # freed by the compiled code: no longer gathered
+        assert tracker.peak == 500 + base
+    assert len(live_gathered.listeners) == before  # the listener is removed on exit
+    live_gathered.add([torch.empty(1000)])
+    assert tracker.peak == 500 + base  # not sampled any more
 
 
 def test_failed_way_becomes_a_row_with_its_error():

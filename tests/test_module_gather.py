@@ -88,7 +88,7 @@ def partition(model: nn.Module, leaf_types=(MoEBlock,)):
 
 
 def make_plan(model, store, bucket_elements=0, prefetch_distance=0, gather_ids=None):
-    plan = LocalPlan(root=model, gather_ids=set(store) if gather_ids is None else gather_ids, leaf_ids=set(),
+    plan = LocalPlan(root=model, gather_ids=set(store) if gather_ids is None else gather_ids,
                      bucket_elements=bucket_elements, prefetch_distance=prefetch_distance, counter=lambda n: None)
     plan.store, plan.log = store, []
     return plan

@@ -1,4 +1,4 @@
-"""Gather a DeepSpeed ZeRO-3 model once per step (``gather="step"``).
+"""Run the compiled call of a DeepSpeed ZeRO-3 model under a gather policy.
 
 DeepSpeed gathers each module's parameters in hooks on that module. The hooks are
 ``torch.compiler.disable``d, so under ``torch.compile`` every hooked module is a graph
@@ -28,9 +28,28 @@ partitions every parameter (``partition_all_parameters``) before it updates them
 nothing gathered can go stale. A forward with no backward (no grad, or outputs that need
 none) releases at once.
 
+With ``gather="module"`` the call is prepared differently; the graph gathers for itself::
+
+    model(x)
+      reset_step(); release whatever      every step enters the frame in the same state
+        DeepSpeed kept gathered
+      stand-ins into non-leaf params      full shape, zero strides, one element each:
+                                          guards see the same shapes every step
+      torch's linear for compiled code    DeepSpeed's replacement gathers in its backward;
+                                          leaves (run eagerly) keep DeepSpeed's
+      DeepSpeed hooks of non-leaf
+        modules off
+      compiled frame                      gather_start/gather_wait per bucket, each weight
+                                          freed after its last use (leafpass.gather_ops)
+      hooks back on
+    loss.backward()                       the partitioner gathers again what backward
+                                          needs; full gradients reach each parameter's
+                                          AccumulateGrad, DeepSpeed's hook reduces them
+      end of backward                     the parameters' own (empty) data back in place
+
 ``auto`` picks ``step`` when the whole model fits under ``stage3_max_live_parameters``,
-the cap DeepSpeed itself would keep; otherwise the call goes through DeepSpeed's hooks
-unchanged (``hooks``).
+the cap DeepSpeed itself would keep; otherwise ``module``, with buckets of
+``stage3_prefetch_bucket_size`` elements. ``hooks`` leaves the call to DeepSpeed's hooks.
 
 Only public DeepSpeed attributes are read here; the private ones are reached through
 :mod:`leafpass.runtime.deepspeed`.
@@ -212,7 +231,7 @@ class DeepSpeedGatherer:
         self._stand_ins.put_in(gathered)
         self.stats.gathered_elements = 0
         self._pending = ("module", None)
-        self._previous_plan = set_plan(self._plan(gathered, params, options))
+        self._previous_plan = set_plan(self._plan(gathered, options))
         # torch's linear for the compiled code: DeepSpeed's replacement would gather the
         # weight in its backward (Dynamo breaks the graph there); leaves keep DeepSpeed's
         self._linear_swap = ds.plain_linear_swap()
@@ -221,14 +240,12 @@ class DeepSpeedGatherer:
             self._leaf_linear = leaf_environment(self._deepspeed_linear)
             self._leaf_linear.__enter__()
 
-    def _plan(self, gathered: list[nn.Parameter], params: list[nn.Parameter], options: dict) -> ModulePlan:
+    def _plan(self, gathered: list[nn.Parameter], options: dict) -> ModulePlan:
         bucket, distance = self.module_settings(options)
         plan = self._plans.get((bucket, distance))
         if plan is None:
-            gather_ids = {id(p) for p in gathered}
             plan = self._plans[(bucket, distance)] = ModulePlan(
-                root=self._root(), gather_ids=gather_ids,
-                leaf_ids={id(p) for p in params if id(p) not in gather_ids and not ds.persistent(p)},
+                root=self._root(), gather_ids={id(p) for p in gathered},
                 bucket_elements=bucket, prefetch_distance=distance, counter=self._count_gathered,
             )
         return plan

@@ -132,7 +132,6 @@ class ModulePlan:
 
     root: nn.Module
     gather_ids: set[int]  # id() of the parameters the ops gather (stand-ins during the call)
-    leaf_ids: set[int]  # id() of the parameters inside leaves
     bucket_elements: int
     prefetch_distance: int
     counter: object  # callable(numel): counts elements gathered

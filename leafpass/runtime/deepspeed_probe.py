@@ -27,6 +27,10 @@ all-gather, and so does a batch issued through ``torch.distributed._coalescing_m
 (it reaches the process group as one ``*_coalesced`` call); N separate per-parameter gathers
 count N. Only calls made by this process while the counter is active are counted, from any
 thread (autograd may run backward hooks on its own threads).
+
+:class:`GatheredElementsTracker` measures the other side of a gather policy: the most
+parameter elements gathered at once (DeepSpeed's gathered parameters plus the weights
+leafpass's in-graph gather ops hold under ``gather="module"``).
 """
 
 from __future__ import annotations
@@ -196,25 +200,63 @@ def count_collectives() -> Iterator[CollectiveCounter]:
 
 
 class GatheredElementsTracker:
-    """The most ZeRO-3 parameter elements gathered (AVAILABLE) at once, over a span.
+    """The most ZeRO-3 parameter elements gathered at once, over a span.
 
-    The number of gathered elements only falls when a parameter is partitioned again, so
-    its peak is reached right before some release: the tracker wraps each parameter's
-    ``partition`` method (which DeepSpeed 0.19.x attaches to every ZeRO-3 parameter, in
-    ``partition_parameters.py``, ``_convert_to_deepspeed_param``; every release ends there)
-    and sums the AVAILABLE, non-persistent parameters of the model before each call, and
-    once more at :meth:`sample`. Persistent parameters (below
-    ``stage3_param_persistence_threshold``) are never partitioned and are left out.
+    Two kinds of gathered parameters are counted:
+
+    * DeepSpeed's: the AVAILABLE, non-persistent parameters of the model (gathered by
+      DeepSpeed's module hooks, by leafpass's ``prefetch_all`` for leaves, or by
+      ``gather="step"``). Persistent parameters (below
+      ``stage3_param_persistence_threshold``) are never partitioned and are left out.
+    * leafpass's in-graph gathers (``gather="module"``): the whole weights the compiled
+      graph's gather ops made and has not freed yet, ``leafpass.gather_ops.live_gathered.live``.
+      These parameters stay partitioned (NOT_AVAILABLE) in DeepSpeed's eyes, so the first
+      count misses them.
+
+    :meth:`current` is their sum. It can only peak right after a gather, so it is sampled
+    (:meth:`sample`) at the moments that follow one:
+
+    * before each release of a DeepSpeed parameter: the tracker wraps each parameter's
+      ``partition`` method (which DeepSpeed 0.19.x attaches to every ZeRO-3 parameter, in
+      ``partition_parameters.py``, ``_convert_to_deepspeed_param``; every release ends
+      there), so the DeepSpeed count is at its height for that parameter;
+    * after each in-graph gather: a listener on ``live_gathered.listeners``;
+    * whenever the caller calls :meth:`sample` (e.g. at the end of a step).
+
+    Gathers in flight count too: they hold their memory from the moment they are issued.
+    A DeepSpeed parameter whose all-gather was issued and not yet waited for (INFLIGHT: a
+    leaf prefetched early) counts as gathered, and so does an in-graph bucket's receive
+    buffer from its ``gather_start`` until the compiled code frees it (while
+    ``gather_wait`` cuts it into whole weights, both are alive and both count). An early
+    leaf prefetch (``prefetch_start``) also notifies the listeners. Use it as a context manager: ``__enter__`` installs the
+    ``partition`` wrappers and the listener, ``__exit__`` removes them.
     """
 
     def __init__(self, model) -> None:
         self.params = [p for p in model.parameters() if hasattr(p, "ds_id")]
         self.peak = 0
         self._originals: list[tuple[Any, Any]] = []
+        self._listener = None
+
+    @staticmethod
+    def _live_gathered():
+        # gather_ops imports torch only (no DeepSpeed); it is imported here, not at the
+        # top, so that this module stays importable without torch.
+        from ..gather_ops import live_gathered
+
+        return live_gathered
+
+    def deepspeed_gathered(self) -> int:
+        """Elements of the AVAILABLE or INFLIGHT, non-persistent DeepSpeed parameters of the model."""
+        return sum(int(p.ds_numel) for p in self.params
+                   if not p.ds_persist and p.ds_status.name in ("AVAILABLE", "INFLIGHT"))
+
+    def in_graph_gathered(self) -> int:
+        """Elements gathered by leafpass's in-graph gather ops and still alive."""
+        return int(self._live_gathered().live)
 
     def current(self) -> int:
-        return sum(int(p.ds_numel) for p in self.params
-                   if not p.ds_persist and p.ds_status.name == "AVAILABLE")
+        return self.deepspeed_gathered() + self.in_graph_gathered()
 
     def sample(self) -> int:
         now = self.current()
@@ -235,9 +277,20 @@ class GatheredElementsTracker:
 
             self._originals.append((p, original))
             p.partition = partition
+
+        def listener(_live: int) -> None:
+            self.sample()
+
+        self._listener = listener
+        self._live_gathered().listeners.append(listener)
         return self
 
     def __exit__(self, *exc) -> None:
         for p, original in self._originals:
             p.partition = original
         self._originals.clear()
+        if self._listener is not None:
+            listeners = self._live_gathered().listeners
+            if self._listener in listeners:
+                listeners.remove(self._listener)
+            self._listener = None

@@ -6,9 +6,11 @@ read its record:
 
 * ``TwoMoE`` whose ranks route their tokens to different experts, under strict ZeRO-3
   limits (gather each module at its entry, release it after use), compiled with the
-  ``eager`` inner compiler; its collectives are counted per step and phase, and per
+  ``eager`` inner compiler and ``gather="hooks"`` (DeepSpeed's hooks gather the non-leaf
+  modules, so every leaf's own gathers are visible next to eager ZeRO-3's; the other
+  policies are tested in ``test_gather_policies.py``); its collectives are counted per step and phase, and per
   ``prefetch_all`` call through a runtime that wraps leafpass's DeepSpeed runtime;
-* ``ManyTinyModel``: a leaf of many tiny submodules, compiled with ``aot_eager``;
+* ``ManyTinyModel``: a leaf of many tiny submodules, compiled with ``aot_eager`` (``hooks``);
 * a tiny Hugging Face Mixtral built offline from a config, whose sparse MoE blocks are
   flagged by DeepSpeed's own ``zero_optimization.leaf_module`` defaults only.
 
@@ -137,7 +139,7 @@ def _graph_facts(graphs, names: dict[int, str]) -> dict:
 
 
 def _train(engine, loss_fn, n_steps: int, leaves: tuple[str, ...], *, compile_inner: str | None,
-           routing: bool = False) -> dict:
+           routing: bool = False, gather: str | None = None) -> dict:
     import deepspeed
     import leafpass
     from leafpass.runtime.deepspeed import count_collectives
@@ -152,7 +154,8 @@ def _train(engine, loss_fn, n_steps: int, leaves: tuple[str, ...], *, compile_in
     if compile_inner is not None:
         torch._dynamo.reset()  # a fresh cache (and recompile budget) per model
         torch._dynamo.utils.counters.clear()
-        engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": compile_inner}})
+        options = {"inner": compile_inner, **({"gather": gather} if gather else {})}
+        engine.compile(backend="z3leaf", compile_kwargs={"options": options})
     with contextlib.ExitStack() as stack:
         counter = stack.enter_context(count_collectives())
         graphs = stack.enter_context(leafpass.record_graphs())
@@ -222,7 +225,8 @@ def _runs_body(rank: int, world_size: int, with_mixtral: bool) -> dict:
     out["moe_initial"] = {n: p.detach().clone() for n, p in base.named_parameters()}
     for mode, inner in (("eager", None), ("z3leaf", "eager")):
         engine = _engine(copy.deepcopy(base), zero3_config(1, **STRICT))
-        out["moe", mode] = _train(engine, _mse(batches[rank]), N_STEPS, LEAVES, compile_inner=inner, routing=True)
+        out["moe", mode] = _train(engine, _mse(batches[rank]), N_STEPS, LEAVES, compile_inner=inner, routing=True,
+                                  gather="hooks")
 
     # (b) a leaf of many tiny submodules, compiled through aot_autograd.
     torch.manual_seed(99)
@@ -233,7 +237,7 @@ def _runs_body(rank: int, world_size: int, with_mixtral: bool) -> dict:
     batch = (torch.randn(N_TOKENS, D, generator=gen), torch.randn(N_TOKENS, D, generator=gen))
     for mode, inner in (("eager", None), ("z3leaf", "aot_eager")):
         engine = _engine(copy.deepcopy(tiny), zero3_config(1, **STRICT))
-        out["tiny", mode] = _train(engine, _mse(batch), N_STEPS, ("block",), compile_inner=inner)
+        out["tiny", mode] = _train(engine, _mse(batch), N_STEPS, ("block",), compile_inner=inner, gather="hooks")
 
     # (c) Mixtral, flagged by nobody but DeepSpeed's leaf_module defaults.
     out["mixtral"] = _mixtral_runs(rank) if with_mixtral else None
@@ -522,7 +526,10 @@ def _mismatched_flags_body(rank: int, world_size: int, gather: str = "auto") -> 
 def mismatched_flags_run() -> tuple[DistributedRunError, float]:
     start = time.monotonic()
     with pytest.raises(DistributedRunError) as info:
-        run_ranks(_mismatched_flags_body, world_size=2, timeout=150, pg_timeout=30)
+        # gather="hooks": the leaf schedule check of the compiled program (which names the
+        # leaves) is the first to see the difference; "step" and "module" see it earlier,
+        # in the cross-rank gather check (test_gather_policies.py)
+        run_ranks(_mismatched_flags_body, "hooks", world_size=2, timeout=150, pg_timeout=30)
     return info.value, time.monotonic() - start
 
 

@@ -1,4 +1,4 @@
-"""Each private DeepSpeed API the step gatherer uses, checked directly on real ZeRO-3 (2 ranks).
+"""Each private DeepSpeed API the gatherers use, checked directly on real ZeRO-3 (2 ranks).
 
 ``leafpass/runtime/deepspeed.py`` reaches DeepSpeed's internals for ``gather="step"``: the
 offload object of the root module, the handles of the hooks DeepSpeed registered, the
@@ -14,6 +14,7 @@ import torch
 from leafpass.testing.distributed import run_ranks, zero3_config
 
 MAX_LIVE = 123_457
+PREFETCH_BUCKET = 7_654
 
 
 def _body(rank: int, world_size: int) -> dict:
@@ -28,7 +29,8 @@ def _body(rank: int, world_size: int) -> dict:
     model = TwoMoE(13, 4, 2)
     set_z3_leaf_modules(model, [MoEBlock])
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                      config=zero3_config(1, max_live_parameters=MAX_LIVE))
+                                      config=zero3_config(1, max_live_parameters=MAX_LIVE,
+                                                          prefetch_bucket_size=PREFETCH_BUCKET))
     root = engine.module
     out: dict = {}
     owner = ds.root_offload(root)
@@ -61,6 +63,34 @@ def _body(rank: int, world_size: int) -> dict:
         out["peak"] = tracker.peak
     out["total"] = total
     out["all_missing_after_release"] = len(ds.not_available(params)) == len(params)
+
+    # gather="module": the shard layout its gather op relies on, read against DeepSpeed's own gather
+    import torch.distributed as dist
+
+    out["prefetch_bucket"] = ds.prefetch_bucket_size(owner)
+    out["persistent"] = [ds.persistent(p) for p in params]
+    shards = [ds.shard(p) for p in params]
+    out["shard_group_is_param_group"] = all(g is p.ds_process_group for p, (_, g) in zip(params, shards))
+    whole_by_shards = []
+    for p, (t, g) in zip(params, shards):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(g))]
+        dist.all_gather(parts, t.contiguous(), group=g)
+        whole_by_shards.append(torch.cat(parts)[: p.ds_numel].view(p.ds_shape))
+    with deepspeed.zero.GatheredParameters(params):
+        out["shards_rebuild_params"] = all(torch.equal(w, p.data) for w, p in zip(whole_by_shards, params))
+    # issue, then wait: INFLIGHT in between, AVAILABLE after; one all-gather
+    with count_collectives() as counter:
+        ds.start_gather(owner, params)
+        out["in_flight_after_start"] = len(ds.in_flight(params)) == len(params)
+        ds.wait_gathered(owner, params, what="test")
+        out["start_wait_collectives"] = counter.snapshot()
+    out["available_after_wait"] = not ds.not_available(params) and not ds.in_flight(params)
+    ds.release(owner, params)
+    # ZeRO-3's Init replaced torch.nn.functional.linear with its own; torch's is kept aside
+    import torch.nn.functional as F
+
+    swap = ds.plain_linear_swap()
+    out["linear_swap"] = swap is not None and swap[0] is F.linear and swap[1] is not F.linear
     return out
 
 
@@ -96,3 +126,16 @@ def test_gather_and_release_through_the_coordinator(facts):
         assert f["gathered_shapes_ok"] and f["none_missing_after_gather"]
         assert f["released"] == f["total"] == f["peak"]
         assert f["all_missing_after_release"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_what_the_module_gather_relies_on(facts):
+    for f in facts:
+        assert f["prefetch_bucket"] == PREFETCH_BUCKET
+        assert not any(f["persistent"])  # zero3_config's persistence threshold is 0
+        # rank r holds elements [r * part, (r + 1) * part) of each flat parameter
+        assert f["shard_group_is_param_group"] and f["shards_rebuild_params"]
+        assert f["in_flight_after_start"] and f["available_after_wait"]
+        assert f["start_wait_collectives"] == {"all_gather": 1}, f["start_wait_collectives"]
+        assert f["linear_swap"]

@@ -1,8 +1,9 @@
-"""``gather="step"``: one graph per forward under real DeepSpeed ZeRO-3 (gloo, CPU).
+"""The gather policies under real DeepSpeed ZeRO-3 (gloo, CPU): one graph per forward.
 
-leafpass gathers every non-leaf parameter in one all-gather before the compiled forward and
-takes DeepSpeed's non-leaf module hooks out of the compiled call, so Dynamo compiles the
-whole forward as one graph. Each case below trains the same model twice from the same
+``gather="step"`` gathers every non-leaf parameter in one all-gather before the compiled
+forward; ``gather="module"`` gathers them inside the graph, bucket by bucket, and again for
+backward. Both take DeepSpeed's non-leaf module hooks out of the compiled call, so Dynamo
+compiles the whole forward as one graph; ``"hooks"`` leaves DeepSpeed's hooks in place. Each case below trains the same model twice from the same
 weights, eager ZeRO-3 and compiled, and the tests compare losses and final (gathered)
 parameters step by step. Parameter sizes are chosen not to divide by 2 or 3 (d=13).
 
@@ -10,10 +11,12 @@ Runs (each a fixture shared by the tests that read it):
 
 * ``matrix`` (2 ranks): MoEStack under DeepSpeed's default limits (``auto`` -> step, inductor),
   with gradient accumulation 2 and ``contiguous_gradients`` off (step, aot_eager), under
-  strict limits with an explicit ``step`` (GA 2), under strict limits with ``auto`` (-> hooks:
-  DeepSpeed's hooks, graph breaks, still exact), and through
+  strict limits with an explicit ``step`` (GA 2), under strict limits with ``auto`` (-> module,
+  one gather per module), ``module`` with buckets and a prefetch distance under the default
+  limits with GA 2 and ``contiguous_gradients`` off, ``module`` under inductor with GA 2,
+  explicit ``hooks`` (DeepSpeed's hooks, graph breaks, still exact), and through
   ``torch.compile(engine.module, fullgraph=True)`` instead of ``engine.compile``;
-* ``three_ranks``: world size 3, GA 2, step;
+* ``three_ranks``: world size 3, GA 2, step and module;
 * ``mixtral``: a tiny Hugging Face Mixtral with eager experts, 50 steps of changing routing;
 * failures: an exception inside the compiled step on one rank, and ranks that would
   gather different parameters.
@@ -39,14 +42,21 @@ TOL = 1e-6
 LR = 0.05
 STRICT = {"max_live_parameters": 0, "max_reuse_distance": 0, "prefetch_bucket_size": 0}
 
-# name -> (limits, gradient accumulation, contiguous_gradients, gather option, inner, route)
+BUCKETS = {"gather": "module", "bucket_elements": 400, "prefetch_distance": 1}
+# name -> (limits, gradient accumulation, contiguous_gradients, gather options, inner, route)
 CASES = {
     "default_auto_inductor": ({}, 1, True, "auto", "inductor", "engine.compile"),
     "ga2_noncontiguous": ({}, 2, False, "step", "aot_eager", "engine.compile"),
     "strict_ga2_step": (STRICT, 2, True, "step", "aot_eager", "engine.compile"),
-    "strict_auto_hooks": (STRICT, 1, True, "auto", "aot_eager", "engine.compile"),
+    "strict_auto_module": (STRICT, 1, True, "auto", "aot_eager", "engine.compile"),
+    "module_buckets_ga2_noncontiguous": ({}, 2, False, BUCKETS, "aot_eager", "engine.compile"),
+    "module_inductor_ga2": (STRICT, 2, True, BUCKETS, "inductor", "engine.compile"),
+    "strict_hooks": (STRICT, 1, True, "hooks", "aot_eager", "engine.compile"),
     "fullgraph_torch_compile": ({}, 1, True, "step", "aot_eager", "torch.compile"),
 }
+POLICY = {"default_auto_inductor": "step", "ga2_noncontiguous": "step", "strict_ga2_step": "step",
+          "strict_auto_module": "module", "module_buckets_ga2_noncontiguous": "module",
+          "module_inductor_ga2": "module", "strict_hooks": "hooks", "fullgraph_torch_compile": "step"}
 MIXTRAL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
 MIXTRAL_STEPS = 50
@@ -90,10 +100,12 @@ def _train(engine, forward, n_micro: int, batch_fn) -> dict:
             engine.backward(loss)
             engine.step()
             rec["losses"].append(loss.item())
-            # nothing leafpass gathered is left AVAILABLE after backward
+            # nothing leafpass gathered is left AVAILABLE after backward, no stand-in left in place
             if micro == 0:
                 rec["available_after_step0"] = sum(
                     p.ds_status.name == "AVAILABLE" and not p.ds_persist for p in engine.module.parameters())
+                rec["data_after_step0"] = sum(
+                    p.data.numel() != 0 and not p.ds_persist for p in engine.module.parameters())
     rec["graphs"] = len(graphs.graphs)
     rec["breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
     rec["break_reasons"] = sorted({str(r).splitlines()[0][:120] for r in torch._dynamo.utils.counters["graph_break"]})
@@ -125,7 +137,7 @@ def _run_case(rank: int, base, case: tuple) -> dict:
         engine = _engine(copy.deepcopy(base), _config(limits, ga, contiguous))
         forward = engine
         if mode == "compiled":
-            options = {"gather": gather, "inner": inner}
+            options = {**({"gather": gather} if isinstance(gather, str) else gather), "inner": inner}
             if route == "engine.compile":
                 engine.compile(backend="z3leaf", compile_kwargs={"options": options})
             else:
@@ -171,7 +183,8 @@ def matrix() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def three_ranks() -> list[dict]:
-    return run_ranks(_matrix_body, ["ga2_noncontiguous"], world_size=3, timeout=300, pg_timeout=90)
+    return run_ranks(_matrix_body, ["ga2_noncontiguous", "module_buckets_ga2_noncontiguous"], world_size=3,
+                     timeout=360, pg_timeout=90)
 
 
 @pytest.fixture(scope="module")
@@ -195,10 +208,10 @@ def _assert_parity(eager: dict, compiled: dict, what: str) -> None:
     assert worst <= TOL, (what, worst)
 
 
-def _assert_one_graph(run: dict, what: str) -> None:
+def _assert_one_graph(run: dict, what: str, policy: str = "step") -> None:
     assert run["graphs"] == 1 and run["breaks"] == 0, (what, run["graphs"], run["breaks"], run["break_reasons"])
-    assert run["stats"]["policy"] == "step", (what, run["stats"])
-    assert run["available_after_step0"] == 0, what
+    assert run["stats"]["policy"] == policy, (what, run["stats"])
+    assert run["available_after_step0"] == 0 and run["data_after_step0"] == 0, what
 
 
 @pytest.mark.distributed
@@ -211,10 +224,10 @@ def test_compiled_zero3_matches_eager_over_20_steps(matrix, name):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("name", [n for n in CASES if n != "strict_auto_hooks"])
-def test_step_gather_compiles_one_graph_without_breaks_or_recompiles(matrix, name):
+@pytest.mark.parametrize("name", [n for n in CASES if POLICY[n] != "hooks"])
+def test_step_and_module_gather_compile_one_graph_without_breaks_or_recompiles(matrix, name):
     for rank, res in enumerate(matrix):
-        _assert_one_graph(res[name]["compiled"], f"{name} rank {rank}")
+        _assert_one_graph(res[name]["compiled"], f"{name} rank {rank}", POLICY[name])
 
 
 @pytest.mark.distributed
@@ -238,9 +251,28 @@ def test_step_gather_is_one_all_gather_per_forward(matrix):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(480)
-def test_auto_keeps_deepspeed_hooks_when_the_model_exceeds_the_live_parameter_cap(matrix):
+def test_module_gather_issues_per_bucket_gathers_and_holds_less_than_the_model(matrix):
+    for rank, res in enumerate(matrix):
+        n_params = sum(p.numel() for p in res["strict_auto_module"]["eager"]["final"].values())
+        one_per_module = res["strict_auto_module"]["compiled"]
+        # strict limits (prefetch bucket 0): one gather per module, like eager ZeRO-3 with strict limits
+        assert one_per_module["fwd_ag"] == res["strict_auto_module"]["eager"]["fwd_ag"], (rank, one_per_module["fwd_ag"])
+        for name in ("module_buckets_ga2_noncontiguous", "module_inductor_ga2"):
+            run = res[name]["compiled"]
+            # adjacent modules share a bucket: fewer all-gathers than one per module, still more than one
+            assert 1 < max(run["fwd_ag"]) < min(one_per_module["fwd_ag"]), (name, rank, run["fwd_ag"])
+            assert len(set(run["fwd_ag"])) == 1, (name, rank, run["fwd_ag"])  # the same schedule every step
+            assert run["stats"]["calls"] == N_STEPS * 2 == run["stats"]["releases"], run["stats"]
+        for name in ("strict_auto_module", "module_buckets_ga2_noncontiguous", "module_inductor_ga2"):
+            peak = res[name]["compiled"]["stats"]["peak"]
+            assert 0 < peak < n_params / 2, (name, rank, peak, n_params)  # never the whole model at once
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_hooks_keeps_deepspeeds_hooks(matrix):
     for res in matrix:
-        run = res["strict_auto_hooks"]["compiled"]
+        run = res["strict_hooks"]["compiled"]
         assert run["stats"]["policy"] == "hooks", run["stats"]
         assert run["stats"]["calls"] == 0
         assert run["breaks"] > 0 and run["graphs"] > 1, (run["graphs"], run["breaks"])
@@ -248,13 +280,14 @@ def test_auto_keeps_deepspeed_hooks_when_the_model_exceeds_the_live_parameter_ca
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(360)
-def test_world_size_three_with_gradient_accumulation(three_ranks):
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("name", ["ga2_noncontiguous", "module_buckets_ga2_noncontiguous"])
+def test_world_size_three_with_gradient_accumulation(three_ranks, name):
     assert len(three_ranks) == 3
     for rank, res in enumerate(three_ranks):
-        run = res["ga2_noncontiguous"]
-        _assert_parity(run["eager"], run["compiled"], f"world 3 rank {rank}")
-        _assert_one_graph(run["compiled"], f"world 3 rank {rank}")
+        run = res[name]
+        _assert_parity(run["eager"], run["compiled"], f"world 3 {name} rank {rank}")
+        _assert_one_graph(run["compiled"], f"world 3 {name} rank {rank}", POLICY[name])
 
 
 @pytest.mark.distributed
@@ -287,14 +320,15 @@ def test_ranks_that_would_gather_different_parameters_all_raise():
 
 @pytest.mark.distributed
 @pytest.mark.timeout(200)
-def test_exception_inside_the_compiled_step_on_one_rank_fails_every_rank_fast():
+@pytest.mark.parametrize("gather", ["step", "module"])
+def test_exception_inside_the_compiled_step_on_one_rank_fails_every_rank_fast(gather):
     from tests.distributed.test_compiled_zero3 import _exploding_body
 
     with pytest.raises(DistributedRunError) as info:
-        run_ranks(_exploding_body, 1, 1, "step", world_size=2, timeout=150, pg_timeout=30)
+        run_ranks(_exploding_body, 1, 1, gather, world_size=2, timeout=150, pg_timeout=30)
     err = info.value
     assert_rank_failed_first(err, 1, "RuntimeError: leaf exploded on rank 1 at step 1")
-    assert "leafpass/runtime/deepspeed_step.py" in err.reports[1].error, err.reports[1].error
+    assert "leafpass/runtime/deepspeed_gatherer.py" in err.reports[1].error, err.reports[1].error
     lag = err.reports[0].reported_at - err.reports[1].reported_at
     assert 0 <= lag < 15, (lag, str(err))
 
