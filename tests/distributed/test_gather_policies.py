@@ -13,7 +13,7 @@ Runs (each a fixture shared by the tests that read it):
   with gradient accumulation 2 and ``contiguous_gradients`` off (step, aot_eager), under
   strict limits with an explicit ``step`` (GA 2), under strict limits with ``auto`` (-> module,
   one gather per module), ``module`` with buckets and a prefetch distance under the default
-  limits with GA 2 and ``contiguous_gradients`` off, ``module`` under inductor with GA 2,
+  limits with GA 2, ``contiguous_gradients`` off and the small parameters persistent, ``module`` under inductor with GA 2,
   explicit ``hooks`` (DeepSpeed's hooks, graph breaks, still exact), and through
   ``torch.compile(engine.module, fullgraph=True)`` instead of ``engine.compile``;
 * ``three_ranks``: world size 3, GA 2, step and module;
@@ -43,13 +43,16 @@ LR = 0.05
 STRICT = {"max_live_parameters": 0, "max_reuse_distance": 0, "prefetch_bucket_size": 0}
 
 BUCKETS = {"gather": "module", "bucket_elements": 400, "prefetch_distance": 1}
+PERSIST_SMALL = {"param_persistence_threshold": 50}
 # name -> (limits, gradient accumulation, contiguous_gradients, gather options, inner, route)
 CASES = {
     "default_auto_inductor": ({}, 1, True, "auto", "inductor", "engine.compile"),
     "ga2_noncontiguous": ({}, 2, False, "step", "aot_eager", "engine.compile"),
     "strict_ga2_step": (STRICT, 2, True, "step", "aot_eager", "engine.compile"),
     "strict_auto_module": (STRICT, 1, True, "auto", "aot_eager", "engine.compile"),
-    "module_buckets_ga2_noncontiguous": ({}, 2, False, BUCKETS, "aot_eager", "engine.compile"),
+    # parameters under 50 elements (norms, biases) persistent, as DeepSpeed's default threshold
+    # makes small ones: used whole by the graph, next to the gathered ones
+    "module_buckets_ga2_noncontiguous": (PERSIST_SMALL, 2, False, BUCKETS, "aot_eager", "engine.compile"),
     "module_inductor_ga2": (STRICT, 2, True, BUCKETS, "inductor", "engine.compile"),
     "strict_hooks": (STRICT, 1, True, "hooks", "aot_eager", "engine.compile"),
     "fullgraph_torch_compile": ({}, 1, True, "step", "aot_eager", "torch.compile"),
@@ -261,7 +264,10 @@ def test_module_gather_issues_per_bucket_gathers_and_holds_less_than_the_model(m
             run = res[name]["compiled"]
             # adjacent modules share a bucket: fewer all-gathers than one per module, still more than one
             assert 1 < max(run["fwd_ag"]) < min(one_per_module["fwd_ag"]), (name, rank, run["fwd_ag"])
-            assert len(set(run["fwd_ag"])) == 1, (name, rank, run["fwd_ag"])  # the same schedule every step
+            # the same schedule every step once the first optimizer step is done (the first
+            # forwards also gather the persistent parameters, and DeepSpeed's leaf hooks
+            # record their trace)
+            assert len(set(run["fwd_ag"][2:])) == 1, (name, rank, run["fwd_ag"])
             assert run["stats"]["calls"] == N_STEPS * 2 == run["stats"]["releases"], run["stats"]
         for name in ("strict_auto_module", "module_buckets_ga2_noncontiguous", "module_inductor_ga2"):
             peak = res[name]["compiled"]["stats"]["peak"]
