@@ -31,6 +31,7 @@ import torch
 import torch.fx
 
 from .leaf_call import leaf_call_of, plain_source, qualname_from_source
+from .passes.bucket_gathers import is_prefetch_start_node
 from .passes.insert_gathers import GATHER_META
 from .passes.insert_prefetch import is_prefetch_node
 
@@ -113,7 +114,7 @@ def format_graph(gm: torch.fx.GraphModule) -> str:
             params, leaf = node.args[0], node.args[1]
             lines.append(f"prefetch_all {leaf} ({len(params)} params)")
             continue
-        if node.op == "call_function" and node.target == torch.ops.leafpass.prefetch_start.default:
+        if is_prefetch_start_node(node):
             lines.append(f"prefetch_start {node.args[0]}")
             continue
         name = f"t{counter}"

@@ -72,7 +72,7 @@ def lookup_bucket(bucket_id: int) -> Any:
 class LiveGathered:
     """Elements gathered by the ops and still alive (not yet freed by the compiled code):
     receive buffers from ``gather_start`` on and the whole weights ``gather_wait`` cuts
-    from them, and the most alive at once since the last :meth:`reset_peak`.
+    from them.
 
     ``listeners`` are called with the live count after every gather (memory probes use it
     to sample at the moments the count peaks)."""
@@ -80,7 +80,6 @@ class LiveGathered:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.live = 0
-        self.peak = 0
         self.listeners: list[Callable[[int], None]] = []
 
     def add(self, tensors: list[torch.Tensor]) -> None:
@@ -89,7 +88,6 @@ class LiveGathered:
             n = t.numel()
             with self._lock:
                 self.live += n
-                self.peak = max(self.peak, self.live)
             weakref.finalize(t, self._sub, n)
         self.changed()
 
@@ -101,9 +99,6 @@ class LiveGathered:
     def _sub(self, n: int) -> None:
         with self._lock:
             self.live -= n
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
 
 
 live_gathered = LiveGathered()

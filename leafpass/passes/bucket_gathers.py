@@ -36,12 +36,10 @@ Provides: ``gathers_bucketed``.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 
-from .insert_gathers import GATHER_META, emit_gather, gather_pairs, mark_gather_node
+from .insert_gathers import GATHER_META, emit_gather, gather_pairs
 
 __all__ = ["bucket_gathers_pass", "is_prefetch_start_node"]
 
@@ -71,11 +69,8 @@ def _merge(gm: torch.fx.GraphModule, run: list[tuple[torch.fx.Node, torch.fx.Nod
         graph.erase_node(start)
 
 
-def _stretches(gm: torch.fx.GraphModule) -> list[list[tuple[torch.fx.Node, torch.fx.Node]]]:
-    """Gather pairs grouped by compiled stretch, in graph order."""
-    from ..lower import leaf_partitions
-
-    piece = leaf_partitions(gm)
+def _stretches(gm: torch.fx.GraphModule, piece: dict[torch.fx.Node, int]) -> list[list[tuple[torch.fx.Node, torch.fx.Node]]]:
+    """Gather pairs grouped by compiled stretch (``piece``: ``lower.leaf_partitions(gm)``), in graph order."""
     by_piece: dict[int, list] = {}
     for start, wait in gather_pairs(gm):
         by_piece.setdefault(piece[start], []).append((start, wait))
@@ -85,19 +80,22 @@ def _stretches(gm: torch.fx.GraphModule) -> list[list[tuple[torch.fx.Node, torch
 def bucket_gathers_pass(gm: torch.fx.GraphModule, plan) -> torch.fx.GraphModule:
     """Merge adjacent gathers up to ``plan.bucket_elements``; start each ``plan.prefetch_distance``
     buckets early; issue each leaf's gather early the same way."""
+    from ..lower import leaf_partitions
+
     limit = int(plan.bucket_elements)
-    for pairs in _stretches(gm):
+    for pairs in _stretches(gm, leaf_partitions(gm)):
         run: list = []
+        total = 0
         for start, wait in pairs:
             info = start.meta[GATHER_META]
             if run:
                 first = run[0][0].meta[GATHER_META].bucket
-                total = sum(s.meta[GATHER_META].numel for s, _ in run)
                 if total + info.numel > limit or info.bucket.dtype != first.dtype or info.bucket.group is not first.group:
                     if len(run) > 1:
                         _merge(gm, run, plan)
-                    run = []
+                    run, total = [], 0
             run.append((start, wait))
+            total += info.numel
         if len(run) > 1:
             _merge(gm, run, plan)
     distance = int(plan.prefetch_distance)
@@ -109,11 +107,10 @@ def bucket_gathers_pass(gm: torch.fx.GraphModule, plan) -> torch.fx.GraphModule:
 
 
 def _prefetch(gm: torch.fx.GraphModule, distance: int) -> None:
-    from ..leaf_call import leaf_call_of
     from ..lower import leaf_partitions
 
-    piece = leaf_partitions(gm)
-    for pairs in _stretches(gm):
+    piece = leaf_partitions(gm)  # after the merges
+    for pairs in _stretches(gm, piece):
         for i, (start, _) in enumerate(pairs):
             if i >= distance:
                 pairs[i - distance][1].append(start)
@@ -124,8 +121,7 @@ def _prefetch(gm: torch.fx.GraphModule, distance: int) -> None:
             continue
         anchor = pairs[len(pairs) - distance][1] if len(pairs) >= distance else pairs[0][0]
         with gm.graph.inserting_after(anchor):
-            early = gm.graph.call_function(torch.ops.leafpass.prefetch_start.default, tuple(leaf_prefetch.args[1:]))
-        early.meta["leafpass_prefetch_start"] = leaf_prefetch.meta.get("leafpass_prefetch")
+            gm.graph.call_function(torch.ops.leafpass.prefetch_start.default, tuple(leaf_prefetch.args[1:]))
 
 
 def _next_prefetch(node: torch.fx.Node, piece: dict) -> torch.fx.Node | None:

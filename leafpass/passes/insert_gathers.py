@@ -50,8 +50,7 @@ GATHER_META = "leafpass_gather"
 class GatherInfo:
     """What one gather pair gathers (kept in the ``gather_start`` node's meta)."""
 
-    def __init__(self, bucket_id: int, bucket, modules: list[str]) -> None:
-        self.bucket_id = bucket_id
+    def __init__(self, bucket, modules: list[str]) -> None:
         self.bucket = bucket
         self.modules = modules
 
@@ -87,7 +86,7 @@ def emit_gather(graph: torch.fx.Graph, before: torch.fx.Node, param_nodes: list,
         gathered = [graph.call_function(operator.getitem, (wait, i)) for i in range(len(param_nodes))]
     for node in (start, wait, *gathered):
         mark_gather_node(node)
-    start.meta[GATHER_META] = GatherInfo(bucket_id, bucket, modules)
+    start.meta[GATHER_META] = GatherInfo(bucket, modules)
     return start, gathered
 
 

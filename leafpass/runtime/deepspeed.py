@@ -190,7 +190,7 @@ class DeepSpeedRuntime:
         per communication dtype and partition group (and per hpZ secondary-tensor group),
         so one for a leaf whose parameters share a dtype, as in eager ZeRO-3.
         """
-        ours = dedupe_params(p for p in _with_external(leaf, params) if partitioned(p))
+        ours = _partitioned_with_external(leaf, params)
         missing = not_available(ours)
         started = [p for p in in_flight(ours) if p in self._started]
         if not missing and not started:
@@ -205,7 +205,7 @@ class DeepSpeedRuntime:
     def prefetch_start(self, leaf: nn.Module, params: list[nn.Parameter]) -> None:
         """Issue (not wait for) the gather ``prefetch_all`` would issue for ``leaf``; the
         leaf's ``prefetch_all`` waits for it (``gather="module"``'s prefetch distance)."""
-        missing = not_available(dedupe_params(p for p in _with_external(leaf, params) if partitioned(p)))
+        missing = not_available(_partitioned_with_external(leaf, params))
         if missing:
             start_gather(self._owner(leaf), missing)
             self._started.update(dict.fromkeys(missing))
@@ -234,6 +234,11 @@ def _with_external(leaf: nn.Module, params: Iterable[nn.Parameter]) -> Iterable[
     if callable(external):
         for _name, p in external():
             yield p
+
+
+def _partitioned_with_external(leaf: nn.Module, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The ZeRO-3 parameters among ``params`` and those DeepSpeed attached to ``leaf``, each once."""
+    return dedupe_params(p for p in _with_external(leaf, params) if partitioned(p))
 
 
 def dedupe_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

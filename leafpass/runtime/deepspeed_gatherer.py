@@ -125,8 +125,8 @@ class DeepSpeedGatherer:
         self._total_elements = sum(int(getattr(p, "ds_numel", p.numel())) for p in root.parameters())
         self._stand_ins = StandIns()
         self._plans: dict[tuple[int, int], ModulePlan] = {}
-        self._previous_plan = None
-        self._linear_swap = None
+        # what a "module" call runs inside, undone when it returns (see _module_call_environment)
+        self._call_environment: contextlib.ExitStack | None = None
         self.stats = StepStats()
 
     @classmethod
@@ -236,14 +236,7 @@ class DeepSpeedGatherer:
         self._stand_ins.put_in(gathered)
         self.stats.gathered_elements = 0
         self._pending = ("module", None)
-        self._previous_plan = set_plan(self._plan(gathered, options))
-        # torch's linear for the compiled code: DeepSpeed's replacement would gather the
-        # weight in its backward (Dynamo breaks the graph there); leaves keep DeepSpeed's
-        self._linear_swap = ds.plain_linear_swap()
-        if self._linear_swap is not None:
-            torch.nn.functional.linear = self._linear_swap[1]
-            self._leaf_linear = leaf_environment(self._deepspeed_linear)
-            self._leaf_linear.__enter__()
+        self._call_environment = _module_call_environment(self._plan(gathered, options))
 
     def _plan(self, gathered: list[nn.Parameter], options: dict) -> ModulePlan:
         bucket, distance = self.module_settings(options)
@@ -255,15 +248,6 @@ class DeepSpeedGatherer:
             )
         return plan
 
-    @contextlib.contextmanager
-    def _deepspeed_linear(self):
-        swap = self._linear_swap
-        torch.nn.functional.linear = swap[0]
-        try:
-            yield
-        finally:
-            torch.nn.functional.linear = swap[1]
-
     def _count_gathered(self, numel: int) -> None:
         self.stats.gathered_elements += numel
         self.stats.peak_gathered_elements = max(self.stats.peak_gathered_elements, live_gathered.live)
@@ -271,13 +255,9 @@ class DeepSpeedGatherer:
     @torch._dynamo.disable
     def _after(self, hooks_off: "_HooksTakenOut", out, failed: bool) -> None:
         hooks_off.put_back()
-        if self._pending is not None and self._pending[0] == "module":
-            set_plan(self._previous_plan)
-            self._previous_plan = None
-            if self._linear_swap is not None:
-                torch.nn.functional.linear = self._linear_swap[0]
-                self._linear_swap = None
-                self._leaf_linear.__exit__(None, None, None)
+        if self._call_environment is not None:
+            self._call_environment.close()
+            self._call_environment = None
         if failed:
             self._release()
             return
@@ -307,6 +287,34 @@ class DeepSpeedGatherer:
         elif kind == "module":
             self._stand_ins.take_out()
         self.stats.releases += 1
+
+
+def _module_call_environment(plan: ModulePlan) -> contextlib.ExitStack:
+    """Enter what the compiled call runs inside under ``gather="module"``; closing the
+    returned stack undoes it:
+
+    * ``plan``, which the compiles of this call read;
+    * torch's ``linear`` for the compiled code: DeepSpeed's replacement gathers the weight
+      in its backward (Dynamo breaks the graph there); leaves, run eagerly, keep DeepSpeed's.
+    """
+    environment = contextlib.ExitStack()
+    environment.callback(set_plan, set_plan(plan))
+    swap = ds.plain_linear_swap()
+    if swap is not None:
+        deepspeed_linear, torch_linear = swap
+        torch.nn.functional.linear = torch_linear
+        environment.callback(setattr, torch.nn.functional, "linear", deepspeed_linear)
+        environment.enter_context(leaf_environment(lambda: _linear_set(deepspeed_linear, torch_linear)))
+    return environment
+
+
+@contextlib.contextmanager
+def _linear_set(during: Callable, after: Callable):
+    torch.nn.functional.linear = during
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = after
 
 
 class _HooksTakenOut:

@@ -63,7 +63,8 @@ class ShardBucket:
 
     @torch.no_grad()
     def start(self):
-        shards = [ds.shard(p)[0] for p in self.params()]
+        # the shards' layout was checked (ds.shard) when the bucket was made
+        shards = [p.ds_tensor for p in self.params()]
         send = torch.cat([s.reshape(-1) for s in shards]) if len(shards) > 1 else shards[0].reshape(-1)
         buffer = torch.empty(self.buffer_numel, dtype=self.dtype, device=send.device)
         handle = dist.all_gather_into_tensor(buffer, send, group=self.group, async_op=True)
@@ -114,16 +115,11 @@ class StandIns:
             p.data = self.stand_in(p)
 
     @torch.no_grad()
-    def take_out(self) -> int:
+    def take_out(self) -> None:
         saved, self._saved = self._saved, []
         for p, data in saved:
             if self.is_stand_in(p):
                 p.data = data
-        return len(saved)
-
-    @property
-    def active(self) -> bool:
-        return bool(self._saved)
 
 
 @dataclasses.dataclass
