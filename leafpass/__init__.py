@@ -7,6 +7,8 @@
 Importing leafpass wraps ``nn.Module.__call__`` once (see ``leafpass.capture``) and
 registers the ``torch.ops.leafpass.prefetch_all`` op. The backend is also found by
 name through the ``torch_dynamo_backends`` entry point, without importing leafpass.
+Importing leafpass also makes accelerate (transformers' ``Trainer``) accept leafpass's
+backend names, once accelerate is imported (``leafpass.integrations.accelerate``).
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ from .flags import (
 )
 from .format import format_graph
 from .gather import GATHER_POLICIES, gather_stats
+from .integrations import accelerate as _accelerate_integration
+from .integrations.backend_names import register_backend, register_from_environment as _register_from_environment
 from .record import GraphRecorder, record_graphs
 from .runtime import NullRuntime, PrefetchRuntime, use_runtime
 from .schedule_check import LeafScheduleMismatch, leaf_schedule
 from .shape_inference import LeafShapeError
 
 _capture.install()
+_register_from_environment()  # LEAFPASS_BACKENDS, if set
+_accelerate_integration.install_when_imported()  # accelerate accepts the names above (imports nothing)
 
 __version__ = "0.1.0"
 
@@ -52,6 +58,7 @@ __all__ = [
     "leaf_schedule",
     "make_backend",
     "record_graphs",
+    "register_backend",
     "set_z3_leaf_module",
     "set_z3_leaf_modules",
     "set_z3_leaf_modules_by_name",

@@ -16,6 +16,8 @@ from .capture import annotate_input_sources
 from .gather import GATHER_POLICIES, check_gather
 from .lower import lower
 from .passes import MODULE_GATHER_PIPELINE, run_passes
+from .passes.check_stand_ins import check_stand_ins
+from .passes.insert_gathers import GATHER_META
 from .record import notify_graph
 
 __all__ = ["OPTIONS", "INNER_COMPILERS", "make_backend", "z3leaf_backend", "resolve_inner"]
@@ -81,9 +83,13 @@ def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any
         inner = resolve_inner(checked["inner"], mode)
     else:
         gm = run_passes(gm, MODULE_GATHER_PIPELINE, example_inputs=list(example_inputs), plan=plan)
+        check_stand_ins(gm, list(example_inputs), plan.is_stand_in, plan.param_names)
         inner = _recomputing(checked["inner"], mode)
     notify_graph(gm)
-    return lower(gm, list(example_inputs), inner)
+    program = lower(gm, list(example_inputs), inner)
+    if plan is not None:  # the gather ops find their buckets while the program holds them
+        program.gather_buckets = [info.bucket for node in gm.graph.nodes if (info := node.meta.get(GATHER_META))]
+    return program
 
 
 def current_gather_plan():

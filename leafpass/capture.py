@@ -26,6 +26,7 @@ Outside Dynamo the wrapper costs one extra Python call per module call.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -87,16 +88,30 @@ def _flagged_fast(module: nn.Module) -> bool:
     return bool(getattr(type(module), "_z3_leaf", False))
 
 
-_options_by_callback: dict[int, tuple[object, dict | None]] = {}
+# id(callback) -> (weak reference to the callback, its answer); an entry goes with its
+# callback (every torch.compile makes a new one), so the cache holds live callbacks only
+_options_by_callback: dict[int, tuple[weakref.ref, dict | None]] = {}
 
 
 def _callback_options(callback) -> dict | None:
     """z3leaf options of a Dynamo frame callback (None: not leafpass's), cached per callback."""
     cached = _options_by_callback.get(id(callback))
-    if cached is None or cached[0] is not callback:
-        # keep the callback alive with its answer, so its id cannot be reused meanwhile
-        cached = _options_by_callback[id(callback)] = (callback, backend_options(callback))
-    return cached[1]
+    if cached is not None and cached[0]() is callback:
+        return cached[1]
+    options = backend_options(callback)
+    key = id(callback)
+    try:
+        ref = weakref.ref(callback, lambda dead: _forget_callback(key, dead))
+    except TypeError:  # cannot be referenced weakly: not cached
+        return options
+    _options_by_callback[key] = (ref, options)
+    return options
+
+
+def _forget_callback(key: int, dead: weakref.ref) -> None:
+    cached = _options_by_callback.get(key)
+    if cached is not None and cached[0] is dead:  # not a newer callback's entry under a reused id
+        del _options_by_callback[key]
 
 
 @torch._dynamo.disable

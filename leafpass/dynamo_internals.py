@@ -18,6 +18,8 @@ the compile id (first compile or recompile) torch/_guards.py (CompileContext)
 the callback of a ``torch.compile``'d fn    torch/_dynamo/eval_frame.py (``_TorchDynamoContext``)
 the backend options ``torch.compile`` got   torch/__init__.py (``_TorchCompileWrapper.kwargs``)
 a callback at the end of ``backward()``     torch/csrc/autograd/python_engine.cpp
+the graphargs of the root graph             torch/_dynamo/output_graph.py (``root_tracer``)
+``ac_graph_id`` of checkpoint regions       torch/_higher_order_ops/wrap.py (``uid``)
 ==========================================  =============================================
 """
 
@@ -36,6 +38,7 @@ __all__ = [
     "backend_chain",
     "check_torch_version",
     "compiled_function_callback",
+    "compiling_frame",
     "eval_frame_callback",
     "eval_frame_callback_builtin",
     "graph_input_sources",
@@ -47,6 +50,7 @@ __all__ = [
     "leaf_module_state_type",
     "module_by_index",
     "never_compile_as_frame",
+    "next_checkpoint_graph_id",
     "queue_end_of_backward_callback",
     "torch_compile_options",
     "tracing_compiler_fn",
@@ -92,11 +96,25 @@ def graph_input_sources() -> list[str | None] | None:
     return [_source_name(a.source) if getattr(a, "source", None) is not None else None for a in output.graphargs]
 
 
+def _root_graphargs(output) -> list:
+    """The ``GraphArg`` of every input of the frame's root graph.
+
+    ``OutputGraph.graphargs`` reads ``meta["grapharg"]`` on the placeholders of the
+    *current* tracer; inside a higher-order op's body (a ``torch.utils.checkpoint``
+    region, say) that is a ``SubgraphTracer`` whose placeholders are lifted free
+    variables without that key (``KeyError: 'grapharg'``). Their values are the root
+    tracer's fake inputs, so the root graph's placeholders answer for them."""
+    root = getattr(output, "root_tracer", None)
+    if root is None:
+        return []
+    return [n.meta["grapharg"] for n in root.graph.find_nodes(op="placeholder") if "grapharg" in n.meta]
+
+
 def graph_inputs_by_fake() -> dict[int, torch.Tensor]:
-    """``id(fake graph input) -> the real tensor Dynamo lifted it from``, while tracing."""
-    output = _output_graph()
+    """``id(fake graph input) -> the real tensor Dynamo lifted it from``, while tracing,
+    also inside a higher-order op's body (see :func:`_root_graphargs`)."""
     found = {}
-    for arg in getattr(output, "graphargs", []) or []:
+    for arg in _root_graphargs(_output_graph()):
         fake = getattr(arg, "fake_tensor", None)
         if fake is not None:
             found[id(fake)] = arg.example
@@ -211,3 +229,25 @@ def leaf_callable_parts(obj) -> tuple[object, object]:
     closure = _closure(getattr(obj, "_fn", None))
     spec_box = closure.get("captured_out_spec")
     return closure.get("fn"), (spec_box[0] if spec_box else None)
+
+
+def next_checkpoint_graph_id() -> int:
+    """A fresh ``ac_graph_id`` for a checkpoint region, from the counter the
+    ``tag_activation_checkpoint`` op numbers its regions with, so ids stay unique and
+    increase in the order regions are made (the partitioner saves a value at the
+    boundary between a region and a later one)."""
+    from torch._higher_order_ops import wrap
+
+    return next(wrap.uid)
+
+
+def compiling_frame() -> str | None:
+    """``"name (file:line)"`` of the frame Dynamo is compiling now (the code object of the
+    root ``InstructionTranslator``, ``tls.current_tx``), or None outside a compile."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    try:
+        code = InstructionTranslator.current_tx().f_code
+    except AttributeError:  # no translator in this thread: not compiling
+        return None
+    return f"{code.co_name} ({code.co_filename}:{code.co_firstlineno})"

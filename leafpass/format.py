@@ -17,6 +17,15 @@ In-graph gathers (``gather="module"``) show what they gather, not their bucket i
     t4 = getitem(t3, 0)
     prefetch_start moe2                         a leaf's gather issued early
 
+Ops from a ``torch.utils.checkpoint`` region around a leaf (see
+``passes.inline_checkpoint``) end in ``# checkpoint N``, regions numbered in graph
+order: backward recomputes the marked ops, and runs the marked leaf (its
+``prefetch_all`` included) again::
+
+    t1 = torch.nn.functional.layer_norm(t0, ...)  # checkpoint 0
+    prefetch_all block.moe (17 params)  # checkpoint 0
+    t2 = block.moe(t1)  # checkpoint 0
+
 Values are numbered ``t0, t1, ...`` in graph order, parameters and buffers are named
 by their qualified names, functions by their qualified Python names, so the text has
 no file paths, no addresses and nothing that differs between two identical compiles.
@@ -32,6 +41,7 @@ import torch.fx
 
 from .leaf_call import leaf_call_of, plain_source, qualname_from_source
 from .passes.bucket_gathers import is_prefetch_start_node
+from .passes.inline_checkpoint import checkpoint_region_of
 from .passes.insert_gathers import GATHER_META
 from .passes.insert_prefetch import is_prefetch_node
 
@@ -98,6 +108,14 @@ def format_graph(gm: torch.fx.GraphModule) -> str:
         parts = [fmt(a) for a in args] + [f"{k}={fmt(v)}" for k, v in kwargs.items()]
         return ", ".join(parts)
 
+    regions: dict[int, int] = {}
+
+    def checkpoint_mark(node: torch.fx.Node) -> str:
+        graph_id = _checkpoint_graph_id(node)
+        if graph_id is None:
+            return ""
+        return f"  # checkpoint {regions.setdefault(graph_id, len(regions))}"
+
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             names[node] = _placeholder_name(node)
@@ -112,7 +130,7 @@ def format_graph(gm: torch.fx.GraphModule) -> str:
             continue
         if is_prefetch_node(node):
             params, leaf = node.args[0], node.args[1]
-            lines.append(f"prefetch_all {leaf} ({len(params)} params)")
+            lines.append(f"prefetch_all {leaf} ({len(params)} params){checkpoint_mark(node.next)}")
             continue
         if is_prefetch_start_node(node):
             lines.append(f"prefetch_start {node.args[0]}")
@@ -122,10 +140,10 @@ def format_graph(gm: torch.fx.GraphModule) -> str:
         names[node] = name
         if node.op == "call_module":
             marker = "" if leaf_call_of(node) is not None else "  # not a leaf"
-            lines.append(f"{name} = {node.target}({call_args(node.args, node.kwargs)}){marker}")
+            lines.append(f"{name} = {node.target}({call_args(node.args, node.kwargs)}){marker}{checkpoint_mark(node)}")
         elif node.op == "call_method":
             self_arg, *rest = node.args
-            lines.append(f"{name} = {fmt(self_arg)}.{node.target}({call_args(rest, node.kwargs)})")
+            lines.append(f"{name} = {fmt(self_arg)}.{node.target}({call_args(rest, node.kwargs)}){checkpoint_mark(node)}")
         elif node.target == torch.ops.leafpass.gather_start.default:
             info = node.meta.get(GATHER_META)
             size = f" ({info.numel} elements)" if info is not None else ""
@@ -133,6 +151,12 @@ def format_graph(gm: torch.fx.GraphModule) -> str:
         elif node.target == torch.ops.leafpass.gather_wait.default:
             lines.append(f"{name} = gather_wait {fmt(node.args[0])}")
         else:
-            lines.append(f"{name} = {_target_name(node.target)}({call_args(node.args, node.kwargs)})")
+            lines.append(f"{name} = {_target_name(node.target)}({call_args(node.args, node.kwargs)}){checkpoint_mark(node)}")
     header = f"inputs: {', '.join(inputs)}" if inputs else "inputs: (none)"
     return "\n".join([header, *lines]) + "\n"
+
+
+def _checkpoint_graph_id(node: torch.fx.Node) -> int | None:
+    """The checkpoint region ``inline_checkpoint`` took ``node`` out of, if any."""
+    region = checkpoint_region_of(node)
+    return None if region is None else region.graph_id

@@ -69,6 +69,11 @@ def check_gather(value: Any) -> str:
 
 
 _NOT_A_ROOT = object()
+# module -> weakref to its gatherer, or _NOT_A_ROOT. A gatherer holds its root (through the
+# engine's objects it works with), so it cannot be this dict's value: the entry would keep
+# its own key alive. It lives on the engine object that owns the root's hooks instead (see
+# _find_gatherer), in the reference cycle the engine already makes with the root, and goes
+# with them.
 _gatherers: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
@@ -77,11 +82,16 @@ def root_gatherer(module: nn.Module):
 
     Cached per module: the answer depends on the engine's hooks, installed once.
     """
-    found = _gatherers.get(module, None)
+    found = _cached(module)
     if found is None:
         found = _find_gatherer(module)
-        _gatherers[module] = found
+        _gatherers[module] = found if found is _NOT_A_ROOT else weakref.ref(found)
     return None if found is _NOT_A_ROOT else found
+
+
+def _cached(module: nn.Module):
+    found = _gatherers.get(module, None)
+    return found() if isinstance(found, weakref.ref) else found
 
 
 def _find_gatherer(module: nn.Module):
@@ -104,7 +114,7 @@ def gather_stats(model: nn.Module):
     for attr in (None, "_orig_mod", "module"):
         module = model if attr is None else getattr(model, attr, None)
         if isinstance(module, nn.Module):
-            found = _gatherers.get(module, None)
+            found = _cached(module)
             if found is not None and found is not _NOT_A_ROOT:
                 return found.stats
     return None

@@ -46,14 +46,19 @@ __all__ = [
 ]
 
 _ids = itertools.count(1)
-_buckets: dict[int, Any] = {}
-# bucket id -> the handle of its start not yet waited for (a program never interleaves two
-# starts of one bucket: each start is followed by its own wait before the bucket starts again)
-_in_flight: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+# bucket id -> bucket, held weakly: what holds a bucket is the program whose graph gathers it
+# (the passes keep it in the gather node's meta; leafpass's backend keeps the buckets of a
+# compiled program on it), so dropping the program (the model, torch._dynamo.reset()) drops
+# its buckets and their entries here
+_buckets: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+# bucket id -> the handles of its starts not yet waited for (a program never interleaves two
+# starts of one bucket: each start is followed by its own wait before the bucket starts
+# again); an entry is removed once empty
+_in_flight: dict[int, collections.deque] = {}
 
 
 def register_bucket(bucket: Any) -> int:
-    """A new id under which the ops find ``bucket``."""
+    """A new id under which the ops find ``bucket`` while something else holds it."""
     bucket_id = next(_ids)
     _buckets[bucket_id] = bucket
     return bucket_id
@@ -107,11 +112,11 @@ live_gathered = LiveGathered()
 @torch.library.custom_op("leafpass::gather_start", mutates_args=())
 def gather_start(params: list[torch.Tensor], bucket: int) -> torch.Tensor:
     """Issue the all-gather of bucket ``bucket``; returns the buffer it fills."""
-    pending = _in_flight[bucket]
+    pending = _in_flight.pop(bucket, None)
     while pending:  # a start whose wait never ran (its call raised in between): drain it
         pending.popleft().wait()
     buffer, handle = lookup_bucket(bucket).start()
-    pending.append(handle)
+    _in_flight.setdefault(bucket, collections.deque()).append(handle)
     live_gathered.add([buffer])  # the whole bucket is held from now on
     return buffer
 
@@ -129,7 +134,10 @@ def gather_wait(buffer: torch.Tensor, params: list[torch.Tensor], bucket: int) -
     if not pending:
         raise RuntimeError(f"leafpass: gather_wait of bucket {bucket} without a gather_start before it")
     found = lookup_bucket(bucket)
-    out = found.finish(buffer, pending.popleft())
+    handle = pending.popleft()
+    if not pending:
+        del _in_flight[bucket]
+    out = found.finish(buffer, handle)
     live_gathered.add(out)
     found.counted(sum(t.numel() for t in out))
     return out

@@ -11,6 +11,12 @@ holding its ``prefetch_all``, its ``call_module`` and the ``getitem`` nodes that
 unpack its output. A small top-level graph calls the pieces in order; autograd
 links them, so the leaf's backward runs eagerly between compiled backward pieces.
 
+A leaf piece whose leaf was called inside ``torch.utils.checkpoint`` (see
+``passes.inline_checkpoint``) runs under non-reentrant checkpoint: backward runs
+its ``prefetch_all`` and the leaf's forward again before the leaf's backward. The
+compiled pieces around it recompute the region's other ops through the inner
+compiler's partitioner (the ops carry checkpoint's recompute tags).
+
 Each compiled piece is compiled with fake inputs taken from the traced graph's
 ``example_value`` metadata (the leaf's real outputs cannot be faked by running it).
 """
@@ -23,12 +29,14 @@ from collections.abc import Callable
 import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
+from torch.utils.checkpoint import checkpoint
 
 from .leaf_call import leaf_call_of
 from .runtime import _leaf_environments, in_leaf_environment
+from .passes.inline_checkpoint import CheckpointRegion, checkpoint_region_of
 from .passes.insert_prefetch import is_prefetch_node
 from .shape_inference import LeafShapeError
-from .dynamo_internals import is_first_compile_of_frame
+from .dynamo_internals import compiling_frame, is_first_compile_of_frame
 from .schedule_check import check_same_schedule, leaf_schedule
 
 __all__ = ["lower", "leaf_partitions"]
@@ -125,7 +133,8 @@ def lower(
         pid = int(node.target.split("_")[-1])
         piece = getattr(split, node.target)
         if pid in leaf_pids:  # run eagerly: prefetch_all, the leaf, its unpacking
-            setattr(split, node.target, _LeafPiece(piece, _expected_outputs(piece, by_name)))
+            region = _checkpoint_region(piece, by_name)
+            setattr(split, node.target, _LeafPiece(piece, _expected_outputs(piece, by_name), region))
             continue
         inputs = []
         for ph in (n for n in piece.graph.nodes if n.op == "placeholder"):
@@ -139,6 +148,16 @@ def lower(
         setattr(split, node.target, _CompiledPiece(compiled, single))
     split.recompile()
     return _CheckedProgram(split, schedule)
+
+
+def _checkpoint_region(piece: torch.fx.GraphModule, by_name) -> CheckpointRegion | None:
+    """The checkpoint region the leaf of ``piece`` was called in, if any."""
+    for n in piece.graph.nodes:
+        if n.op == "call_module" and n.name in by_name:
+            region = checkpoint_region_of(by_name[n.name])
+            if region is not None:
+                return region
+    return None
 
 
 def _expected_outputs(piece: torch.fx.GraphModule, by_name) -> list:
@@ -155,13 +174,24 @@ class _LeafPiece(torch.nn.Module):
     caught here, with the leaf named, instead of feeding a compiled piece wrong sizes.
     """
 
-    def __init__(self, piece: torch.fx.GraphModule, expected: list) -> None:
+    def __init__(self, piece: torch.fx.GraphModule, expected: list, region: CheckpointRegion | None = None) -> None:
         super().__init__()
         self.piece = piece
         self.expected = expected
+        self.region = region
         self.leaves = [n.target for n in piece.graph.nodes if n.op == "call_module"]
 
     def forward(self, *args):
+        if self.region is not None and torch.is_grad_enabled():
+            # from a checkpoint region: keep nothing for backward but the inputs, and run
+            # prefetch_all + the leaf again there (non-reentrant, as Dynamo traces every
+            # checkpoint), so the engine gathers the leaf again as in eager checkpointing
+            return checkpoint(
+                self._run, *args, use_reentrant=False, preserve_rng_state=self.region.preserve_rng_state
+            )
+        return self._run(*args)
+
+    def _run(self, *args):
         if _leaf_environments:
             with in_leaf_environment():
                 out = self.piece(*args)
@@ -190,9 +220,10 @@ class _CheckedProgram:
         self.fn = fn
         self.schedule = schedule
         self.checked = not is_first_compile_of_frame()
+        self.frame = compiling_frame()  # named in a mismatch
 
     def __call__(self, *args):
         if not self.checked:
             self.checked = True
-            check_same_schedule(self.schedule)
+            check_same_schedule(self.schedule, self.frame)
         return self.fn(*args)

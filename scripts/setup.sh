@@ -11,4 +11,4 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Pin torch first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 # DeepSpeed builds from its sdist; build no native ops (nothing here needs them).
-DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[test,deepspeed,transformers]" "torch==2.13.0"
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[test,deepspeed,transformers,accelerate]" "torch==2.13.0"

@@ -175,3 +175,39 @@ def test_queue_end_of_backward_callback_runs_after_the_whole_backward():
     y.register_hook(hook)
     y.sum().backward()
     assert order == ["hook", ("end", True)]
+
+
+def test_graph_inputs_by_fake_inside_a_checkpoint_body():
+    # Inside torch.utils.checkpoint Dynamo traces with a subtracer whose placeholders (lifted
+    # free variables) carry no "grapharg": the root graph's inputs answer for them.
+    lin = torch.nn.Linear(3, 3)
+    seen = []
+
+    @internals.leaf_function
+    def scale(x, w):
+        return x * w.sum()
+
+    @scale.register_fake
+    def _scale_fake(x, w):
+        seen.append(internals.graph_inputs_by_fake().get(id(w)))
+        return torch.empty_like(x)
+
+    def fn(x):
+        return torch.utils.checkpoint.checkpoint(lambda y: scale(lin(y), lin.weight), x, use_reentrant=False)
+
+    def trace_only(gm, example_inputs):  # running the body is not what is checked here
+        raise RuntimeError("traced")
+
+    with pytest.raises(Exception, match="traced"):
+        torch.compile(fn, backend=trace_only, fullgraph=True)(torch.randn(2, 3))
+    assert seen and all(real is lin.weight for real in seen)
+
+
+def test_next_checkpoint_graph_id_shares_the_checkpoint_ops_counter():
+    first = internals.next_checkpoint_graph_id()
+    assert internals.next_checkpoint_graph_id() == first + 1
+    lin = torch.nn.Linear(3, 3)
+    fn = lambda x: torch.utils.checkpoint.checkpoint(lin, x, use_reentrant=False)  # noqa: E731
+    torch.compile(fn, backend="aot_eager", fullgraph=True)(torch.randn(2, 3, requires_grad=True))
+    # tracing the tag_activation_checkpoint op took an id from the same counter
+    assert internals.next_checkpoint_graph_id() > first + 2

@@ -36,9 +36,20 @@ EXPECTED_STDOUT = {
         "prefetch_all model.layers.1.mlp (3 params)",
         "OK: one graph, losses match eager",
     ],
+    "hf_trainer.py": [
+        "rank 0/1: engine DeepSpeedEngine, torch_compile_backend='z3leaf_aot_eager' (whole model): 1 graph(s), "
+        "0 graph break(s), leaves ['model.layers.0.mlp', 'model.layers.1.mlp']",
+        "rank 0 step 1: loss plain",
+        "rank 0 OK: losses match the plain Trainer over 2 steps",
+    ],
 }
 #: Examples that need an optional extra.
-NEEDS = {"transformers_moe.py": "transformers"}
+NEEDS = {"transformers_moe.py": "transformers", "hf_trainer.py": "accelerate"}
+#: Arguments and environment of examples that take them. hf_trainer.py: one process (its
+#: default), aot_eager under a registered name (inductor would compile for a minute more);
+#: tests/distributed/test_hf_trainer.py runs it on 2 ranks.
+ARGS = {"hf_trainer.py": ["--steps", "2", "--backend", "z3leaf_aot_eager"]}
+ENV = {"hf_trainer.py": {"LEAFPASS_BACKENDS": '{"z3leaf_aot_eager": {"inner": "aot_eager"}}', "DS_ACCELERATOR": "cpu"}}
 TIMEOUT_S = 180  # each runs in well under 30 s on an idle CPU; room for a busy machine
 
 
@@ -47,7 +58,7 @@ def example_scripts():
 
 
 def example_params():
-    marks = {"transformers": pytest.mark.transformers}
+    marks = {"transformers": pytest.mark.transformers, "accelerate": pytest.mark.transformers}
     return [pytest.param(name, marks=[marks[NEEDS[name]]] if name in NEEDS else [], id=name)
             for name in example_scripts()]
 
@@ -62,9 +73,10 @@ def test_example_runs(name):
     if extra and importlib.util.find_spec(extra) is None:
         pytest.skip(f"{name} needs the optional extra {extra!r}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", 
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, str(EXAMPLES / name)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=TIMEOUT_S)
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           **ENV.get(name, {})}
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), *ARGS.get(name, [])], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
     report = f"{name} exited with {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-4000:]}"
     assert result.returncode == 0, report
     assert result.stdout.strip(), report

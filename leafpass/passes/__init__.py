@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch.fx
 
 from .bucket_gathers import bucket_gathers_pass
+from .inline_checkpoint import inline_checkpoint_pass
 from .insert_gathers import insert_gathers_pass
 from .insert_prefetch import insert_prefetch_pass
 from .leaf_call_module import leaf_call_module_pass
@@ -29,8 +30,14 @@ class Pass:
 
 
 PASSES: dict[str, Pass] = {
+    "inline_checkpoint": Pass(
+        "inline_checkpoint", inline_checkpoint_pass, provides=frozenset({"checkpoint_regions_inlined"})
+    ),
     "leaf_call_module": Pass(
-        "leaf_call_module", leaf_call_module_pass, provides=frozenset({"leaf_call_modules"})
+        "leaf_call_module",
+        leaf_call_module_pass,
+        requires=frozenset({"checkpoint_regions_inlined"}),
+        provides=frozenset({"leaf_call_modules"}),
     ),
     "insert_prefetch": Pass(
         "insert_prefetch",
@@ -54,7 +61,7 @@ PASSES: dict[str, Pass] = {
     ),
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("leaf_call_module", "insert_prefetch")
+DEFAULT_PIPELINE: tuple[str, ...] = ("inline_checkpoint", "leaf_call_module", "insert_prefetch")
 # gather="module": the graph gathers the non-leaf parameters itself
 MODULE_GATHER_PIPELINE: tuple[str, ...] = (*DEFAULT_PIPELINE, "insert_gathers", "bucket_gathers")
 
@@ -91,6 +98,7 @@ __all__ = [
     "DEFAULT_PIPELINE",
     "MODULE_GATHER_PIPELINE",
     "bucket_gathers_pass",
+    "inline_checkpoint_pass",
     "insert_gathers_pass",
     "PASSES",
     "Pass",

@@ -17,7 +17,11 @@ The ``call_module`` targets the leaf by its qualified name and calls the real
 module, so its hooks run and its parameters are the real ``nn.Parameter`` objects.
 Structured outputs (``(tensor, dict)``) are unpacked with ``getitem`` chains in
 place of the flat indexing. Each new node carries a :class:`LeafCall` in
-``meta["leafpass_leaf"]`` with the leaf's parameter nodes, for the next pass.
+``meta["leafpass_leaf"]`` with the leaf's parameter nodes, for the next pass, and
+keeps the ``CheckpointRegion`` of a leaf that ``inline_checkpoint`` took out of a
+checkpoint region (``meta["leafpass_checkpoint"]``).
+
+Requires: ``checkpoint_regions_inlined`` (a leaf inside a checkpoint body is not seen here).
 
 Provides: ``leaf_call_modules`` (every leafpass leaf is a ``call_module``; no
 leafpass ``invoke_leaf_function`` remains).
@@ -35,7 +39,7 @@ from ..dynamo_internals import invoke_leaf_function_op, leaf_callable_parts, lea
 from ..leaf_call import META_KEY, LeafCall, qualname_from_source
 from ..names import qualname_of
 
-__all__ = ["leaf_call_module_pass", "is_leafpass_leaf_node"]
+__all__ = ["leaf_call_module_pass", "is_leafpass_leaf_node", "leaf_module_of"]
 
 
 def _unwrap_leaf_callable(gm: torch.fx.GraphModule, node: torch.fx.Node):
@@ -100,22 +104,33 @@ def _emit_unflatten(graph: torch.fx.Graph, root: torch.fx.Node, spec) -> list[to
     return flat
 
 
+def _leaf_call_parts(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """``(LeafModuleState, call args, call kwargs)`` of a leafpass leaf node."""
+    input_spec = getattr(gm, node.args[2].target)
+    (outer_args, _outer_kwargs) = pytree.tree_unflatten(list(node.args[4:]), input_spec)
+    state, call_args, call_kwargs = outer_args
+    if not isinstance(state, leaf_module_state_type()):
+        raise AssertionError(f"leafpass: unexpected leaf state {type(state).__name__}")
+    return state, call_args, call_kwargs
+
+
+def leaf_module_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.nn.Module:
+    """The module a leafpass leaf node calls (valid while compiling)."""
+    state, _args, _kwargs = _leaf_call_parts(gm, node)
+    return module_by_index(state.nn_module_index)
+
+
 def leaf_call_module_pass(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite every leafpass ``invoke_leaf_function`` node into ``call_module``."""
-    LeafModuleState = leaf_module_state_type()
+    from .inline_checkpoint import CHECKPOINT_META
+
     graph = gm.graph
     calls_per_leaf: dict[str, int] = {}
     for node in list(graph.nodes):
         if not is_leafpass_leaf_node(gm, node):
             continue
         _fn, out_spec = _unwrap_leaf_callable(gm, node)
-        spec_node = node.args[2]
-        input_spec = getattr(gm, spec_node.target)
-        flat_args = list(node.args[4:])
-        (_outer_args, _outer_kwargs) = pytree.tree_unflatten(flat_args, input_spec)
-        state, call_args, call_kwargs = _outer_args
-        if not isinstance(state, LeafModuleState):
-            raise AssertionError(f"leafpass: unexpected leaf state {type(state).__name__}")
+        state, call_args, call_kwargs = _leaf_call_parts(gm, node)
         module, name = _leaf_module_and_name(node, state)
         if out_spec is None:
             raise AssertionError(f"leafpass: no output structure was captured for leaf {name!r}")
@@ -136,6 +151,8 @@ def leaf_call_module_pass(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             call = graph.call_module(name, tuple(call_args), dict(call_kwargs))
             call.meta[META_KEY] = LeafCall(name=name, module=module, params=params)
             call.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+            if CHECKPOINT_META in node.meta:  # a leaf from a checkpoint region (inline_checkpoint)
+                call.meta[CHECKPOINT_META] = node.meta[CHECKPOINT_META]
             flat_outs = _emit_unflatten(graph, call, out_spec)
 
         example = node.meta.get("example_value")

@@ -328,6 +328,58 @@ def release(owner, params: Iterable[nn.Parameter]) -> int:
     return released
 
 
+@torch.no_grad()
+def empty_released_data(params: Iterable[nn.Parameter]) -> int:
+    """Give each released (NOT_AVAILABLE) parameter among ``params`` that still holds data an
+    empty one, as every other released ZeRO-3 parameter has; returns how many changed.
+
+    partitioned_param_coordinator.py (0.19.x), ``release_sub_module``: with
+    ``fast_sharding_for_leaf_module`` (set whenever ``stage3_module_granularity_threshold``
+    is > 0) a leaf's parameters are partitioned with ``free_data=False`` and their data set
+    to a one-element ``empty_buffer`` (it keeps the device's pending work alive), so a
+    released leaf parameter is ``[1]``, not ``[0]``, once the leaf has run. A compiled frame
+    entered with those parameters would see ``[0]`` at its first call and ``[1]`` after it (a
+    recompile on the parameter's size guard). The buffer holds nothing the parameter needs:
+    its shard is ``ds_tensor``.
+    """
+    status = _zero_param_status()
+    changed = 0
+    for p in params:
+        if p.ds_status == status.NOT_AVAILABLE and p.data.numel() != 0 and not p.ds_active_sub_modules:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.data.device)
+            changed += 1
+    return changed
+
+
+def root_flagged_by_threshold(owner, root: nn.Module) -> int | None:
+    """The root's granularity when ``stage3_module_granularity_threshold`` made DeepSpeed flag
+    the root module itself as a leaf, else None.
+
+    parameter_offload.py (0.19.x), ``_set_leaf_by_threshold_preorder``: the modules the
+    threshold flags are kept in ``owner.z3_leaf_layers``, and each module's
+    "parameters per layer" in ``ds_model_granularity``; the walk starts at the root, so a
+    threshold at or above the root's granularity flags the whole model as one leaf.
+    """
+    flagged = getattr(owner, "z3_leaf_layers", None) or ()
+    if not any(m is root for m in flagged):
+        return None
+    return int(getattr(root, "ds_model_granularity", -1))
+
+
+def leaf_when_hooked(leaf: nn.Module) -> bool:
+    """False when ``leaf`` has submodules that DeepSpeed hooked one by one because ``leaf``
+    was not a leaf when ``deepspeed.initialize`` installed its hooks (it was flagged later).
+
+    parameter_offload.py (0.19.x), ``_register_deepspeed_module``: a module flagged at that
+    time marks every parameter of its subtree with ``ds_z3_leaf_module`` and gets no hooks
+    below it; otherwise each submodule gets DeepSpeed's gather/release hooks and its
+    parameters carry no such mark. A module with no submodule holding parameters is
+    hooked the same way either way.
+    """
+    return all(getattr(p, "ds_z3_leaf_module", None) is not None
+               for child in leaf.children() for p in child.parameters() if partitioned(p))
+
+
 def root_offload(module: nn.Module):
     """The ``DeepSpeedZeRoOffload`` for which ``module`` is the wrapped model, or None."""
     owner = _offload_for(module)
@@ -464,8 +516,10 @@ def shard(param: nn.Parameter) -> tuple[torch.Tensor, object]:
         why = "its shard is stored quantized (zero_quantized_weights / quantized_nontrainable_weights)"
     elif getattr(param, "ds_secondary_tensor", None) is not None:
         why = "it has an hpZ secondary shard (zero_hpz_partition_size > 1)"
-    elif str(getattr(t, "final_location", None)).endswith("nvme"):
+    elif _on_nvme(t):
         why = "its shard lives on NVMe (offload_param to nvme)"
+    elif t.device != param.device:
+        why = f"its shard lives on {t.device} (offload_param) while the parameter is used on {param.device}"
     elif int(t.numel()) != int(getattr(t, "ds_numel", t.numel())):
         why = "its shard's size differs from ds_tensor.ds_numel"
     if why is not None:
@@ -474,6 +528,14 @@ def shard(param: nn.Parameter) -> tuple[torch.Tensor, object]:
             f"{why}. Use options={{'gather': 'step'}} or {{'gather': 'hooks'}} for this model."
         )
     return t, param.ds_process_group
+
+
+def _on_nvme(shard_tensor: torch.Tensor) -> bool:
+    """partition_parameters.py (0.19.x) sets ``ds_tensor.final_location`` to
+    ``OffloadDeviceEnum.nvme`` (a ``str`` enum) for an NVMe-offloaded shard, None otherwise;
+    stage3.py (``_move_to_flat_buffer``) sets it to ``'not-nvme'``
+    for the shards it moves into its own flat buffers (``offload_param`` to cpu, say)."""
+    return getattr(shard_tensor, "final_location", None) == "nvme"
 
 
 def persistent(param: nn.Parameter) -> bool:

@@ -47,6 +47,11 @@ With ``gather="module"`` the call is prepared differently; the graph gathers for
                                           AccumulateGrad, DeepSpeed's hook reduces them
       end of backward                     the parameters' own (empty) data back in place
 
+Before either, every call checks that DeepSpeed's hooks treat each flagged leaf as one
+(:meth:`DeepSpeedGatherer._check_leaves`): a root flagged by
+``stage3_module_granularity_threshold`` and a leaf with submodules flagged after
+``deepspeed.initialize`` are refused with a clear error, before any collective.
+
 ``auto`` picks ``step`` when the whole model fits under ``stage3_max_live_parameters``,
 the cap DeepSpeed itself would keep; otherwise ``module``, with buckets of
 ``stage3_prefetch_bucket_size`` elements. ``hooks`` leaves the call to DeepSpeed's hooks.
@@ -69,7 +74,7 @@ from torch.utils._pytree import tree_leaves
 from .. import dynamo_internals as internals
 from ..gather import check_gather
 from ..gather_ops import live_gathered
-from ..schedule_check import check_same_gather
+from ..schedule_check import check_same_gather, check_same_leaves
 from . import deepspeed as ds
 from . import leaf_environment
 from .deepspeed_module import ModulePlan, StandIns, set_plan
@@ -124,15 +129,32 @@ class DeepSpeedGatherer:
         # the model's size does not change after deepspeed.initialize: what "auto" compares
         self._total_elements = sum(int(getattr(p, "ds_numel", p.numel())) for p in root.parameters())
         self._stand_ins = StandIns()
-        self._plans: dict[tuple[int, int], ModulePlan] = {}
+        # id() of the leaves found hooked as leaves by DeepSpeed (see _check_leaves)
+        self._leaves_ok: set[int] = set()
+        # DeepSpeed's threshold flags are set once, in deepspeed.initialize
+        self._root_granularity = ds.root_flagged_by_threshold(owner, root)
+        # the root's hooks and their Dynamo-disabled twins (see _HooksTakenOut)
+        self._disabled_hooks: dict[int, tuple[Callable, Callable]] = {}
+        self._plans: dict[tuple[frozenset[int], int, int], ModulePlan] = {}
         # what a "module" call runs inside, undone when it returns (see _module_call_environment)
         self._call_environment: contextlib.ExitStack | None = None
         self.stats = StepStats()
 
     @classmethod
     def for_root(cls, module: nn.Module) -> "DeepSpeedGatherer | None":
+        """The gatherer of ``module`` if it is the root of a ZeRO-3 engine, else None.
+
+        The gatherer lives on the engine's offload object (which the root's hooks hold, and
+        which holds the root): in that cycle it goes when the model does. Callers keep it
+        weakly (:func:`leafpass.gather.root_gatherer`)."""
         owner = ds.root_offload(module)
-        return cls(module, owner) if owner is not None else None
+        if owner is None:
+            return None
+        gatherer = getattr(owner, "_leafpass_gatherer", None)
+        if gatherer is None or gatherer._root() is not module:
+            gatherer = cls(module, owner)
+            owner._leafpass_gatherer = gatherer
+        return gatherer
 
     # ---------------------------------------------------------------- policy
 
@@ -189,8 +211,12 @@ class DeepSpeedGatherer:
         chosen = self.resolve(options)
         self.stats.policy = chosen
         if chosen == "hooks":
+            if not self._checked:  # every rank calls the model here: name leaves that differ
+                self._checked = True
+                check_same_leaves([name for name, m in root.named_modules() if m is not root and _leaf(m)])
             return None
         modules = _outside_leaves(root)
+        self._check_leaves(root, modules)
         params = ds.dedupe_params(
             p for m in root.modules() for p in (*m.parameters(recurse=False), *ds.external_parameters(m))
             if ds.partitioned(p)
@@ -207,9 +233,42 @@ class DeepSpeedGatherer:
             self._gather_step(root, params)
         else:
             self._prepare_module(params, outside, options)
-        hooks_off = _HooksTakenOut(self._slots, modules, root)
+        hooks_off = _HooksTakenOut(self._slots, modules, root, self._disabled_hooks)
         hooks_off.take_out()
         return hooks_off
+
+    def _check_leaves(self, root: nn.Module, modules: list[nn.Module]) -> None:
+        """Refuse, before any collective, leaves DeepSpeed's hooks do not treat as leaves:
+        the root flagged by ``stage3_module_granularity_threshold``, and a leaf with
+        submodules flagged after ``deepspeed.initialize`` (DeepSpeed hooked its submodules
+        one by one and does not reinstall its hooks). With the same flags on every rank,
+        every rank raises here, before any collective."""
+        granularity = self._root_granularity
+        if granularity is not None:
+            raise ValueError(
+                f"leafpass: zero_optimization.stage3_module_granularity_threshold made DeepSpeed flag the "
+                f"root module {type(root).__name__} itself as a leaf (its granularity, parameters per layer, "
+                f"is {granularity}); z3leaf keeps the leaves inside the root opaque and DeepSpeed then hooks "
+                f"none of them (eager ZeRO-3 fails in its first backward with this setting too, in DeepSpeed "
+                f"0.19.8). Set stage3_module_granularity_threshold below {granularity} so that DeepSpeed "
+                f"flags blocks inside the model, or leave it out and flag the blocks with "
+                f"deepspeed.utils.set_z3_leaf_modules before deepspeed.initialize."
+            )
+        for module in modules:
+            for child in module.children():
+                if id(child) in self._leaves_ok or not _leaf(child):
+                    continue
+                if not ds.leaf_when_hooked(child):
+                    name = next((n for n, m in root.named_modules() if m is child), type(child).__name__)
+                    raise RuntimeError(
+                        f"leafpass: {name} ({type(child).__name__}) is flagged as a ZeRO-3 leaf but was not one "
+                        f"when deepspeed.initialize installed DeepSpeed's hooks, and DeepSpeed does not "
+                        f"reinstall them: its submodules keep hooks that gather and release them one by one, "
+                        f"and its gradients are not reduced as a leaf's. Flag it before deepspeed.initialize "
+                        f"(deepspeed.utils.set_z3_leaf_modules or zero_optimization.leaf_module), or unset "
+                        f"the flag."
+                    )
+                self._leaves_ok.add(id(child))
 
     def _gather_step(self, root: nn.Module, params: list[nn.Parameter]) -> None:
         # Every parameter, the leaves' too: one collective for the whole step, as eager ZeRO-3
@@ -224,8 +283,10 @@ class DeepSpeedGatherer:
 
     def _prepare_module(self, params: list[nn.Parameter], outside: set[int], options: dict) -> None:
         # The same state at every frame entry, whatever DeepSpeed kept from the last step:
-        # everything partitioned (persistent parameters excepted) ...
+        # everything partitioned (persistent parameters excepted), with empty data (leaves
+        # DeepSpeed released with fast sharding keep a one-element buffer) ...
         ds.release(self._owner, params)
+        ds.empty_released_data(params)
         # ... but persistent parameters whole, the leaves' too, as DeepSpeed keeps them once
         # it has gathered them (before their first use they are partitioned: the first call
         # would see other shapes than the next ones, and the graph uses them as they are)
@@ -239,12 +300,18 @@ class DeepSpeedGatherer:
         self._call_environment = _module_call_environment(self._plan(gathered, options))
 
     def _plan(self, gathered: list[nn.Parameter], options: dict) -> ModulePlan:
+        """The plan for gathering ``gathered`` (the parameters holding stand-ins in this call):
+        one per set of parameters and settings. Leaf flags changed after a call change the
+        set (Dynamo's guards on the flags then recompile, and the new compile reads the new
+        plan; a program compiled for the old flags keeps its own buckets)."""
         bucket, distance = self.module_settings(options)
-        plan = self._plans.get((bucket, distance))
+        ids = frozenset(id(p) for p in gathered)
+        plan = self._plans.get((ids, bucket, distance))
         if plan is None:
-            plan = self._plans[(bucket, distance)] = ModulePlan(
-                root=self._root(), gather_ids={id(p) for p in gathered},
-                bucket_elements=bucket, prefetch_distance=distance, counter=self._count_gathered,
+            plan = self._plans[(ids, bucket, distance)] = ModulePlan(
+                root=None, gather_ids=set(ids), bucket_elements=bucket, prefetch_distance=distance,
+                counter=_weak_counter(self), is_stand_in=self._stand_ins.is_stand_in,
+                param_names={id(p): name for name, p in self._root().named_parameters()},
             )
         return plan
 
@@ -289,6 +356,19 @@ class DeepSpeedGatherer:
         self.stats.releases += 1
 
 
+def _weak_counter(gatherer: DeepSpeedGatherer) -> Callable[[int], None]:
+    """``gatherer._count_gathered`` without holding the gatherer: the buckets a compiled
+    program keeps call it, and the program may outlive the model."""
+    method = weakref.WeakMethod(gatherer._count_gathered)
+
+    def count(numel: int) -> None:
+        found = method()
+        if found is not None:
+            found(numel)
+
+    return count
+
+
 def _module_call_environment(plan: ModulePlan) -> contextlib.ExitStack:
     """Enter what the compiled call runs inside under ``gather="module"``; closing the
     returned stack undoes it:
@@ -325,9 +405,19 @@ class _HooksTakenOut:
     but run with Dynamo disabled: under ``torch.compile(model)`` they are called from
     ``nn.Module._call_impl`` inside the compile region, where Dynamo would try to compile
     each of them as a frame (and, with ``fullgraph=True``, fail on their timers).
+
+    Only what was changed is undone: DeepSpeed's hooks go back to where they were (before
+    the hook that followed them then, if it is still there), and each root hook swapped for
+    its Dynamo-disabled twin is swapped back if the twin is still in place. Hooks added or
+    removed while the call ran (by a hook, or by the model) stay added or removed.
+
+    ``disabled`` (the gatherer's, one per root) keeps each root hook's twin between calls
+    (the same twin every call: the hook dicts Dynamo sees do not change); it holds the root's
+    current hooks only.
     """
 
-    def __init__(self, slots: list[tuple[dict, int]], modules: list[nn.Module], root: nn.Module) -> None:
+    def __init__(self, slots: list[tuple[dict, int]], modules: list[nn.Module], root: nn.Module,
+                 disabled: "dict[int, tuple[Callable, Callable]] | None" = None) -> None:
         dicts = {id(d) for m in modules for d in (m._forward_pre_hooks, m._forward_hooks)}
         self._by_dict: dict[int, tuple[dict, list[int]]] = {}
         for hooks, key in slots:
@@ -336,32 +426,63 @@ class _HooksTakenOut:
         for hooks in (root._forward_pre_hooks, root._forward_hooks):
             self._by_dict.setdefault(id(hooks), (hooks, []))
         self._root_dicts = {id(root._forward_pre_hooks), id(root._forward_hooks)}
-        self._saved: list[tuple[dict, list]] = []
+        self._disabled = {} if disabled is None else disabled
+        # per dict: its keys in order before take_out, the hooks taken out, (original, twin) put in
+        self._saved: list[tuple[dict, list, dict, dict]] = []
 
     def take_out(self) -> None:
+        twins_now: dict[int, tuple[Callable, Callable]] = {}
         for hooks, keys in self._by_dict.values():
-            self._saved.append((hooks, list(hooks.items())))
-            for key in keys:
-                hooks.pop(key, None)
+            order = list(hooks)
+            taken = {key: hooks.pop(key) for key in keys if key in hooks}
+            swapped = {}
             if id(hooks) in self._root_dicts:
                 for key, fn in list(hooks.items()):
-                    hooks[key] = _dynamo_disabled(fn)
+                    cached = self._disabled.get(id(fn))
+                    if cached is None or cached[0] is not fn:
+                        cached = (fn, torch._dynamo.disable(fn))
+                    twins_now[id(fn)] = cached
+                    hooks[key] = cached[1]
+                    swapped[key] = cached
+            self._saved.append((hooks, order, taken, swapped))
+        self._disabled.clear()  # only the root's current hooks: removed ones are not kept
+        self._disabled.update(twins_now)
 
     def put_back(self) -> None:
-        for hooks, items in self._saved:
-            hooks.clear()
-            hooks.update(items)
+        for hooks, order, taken, swapped in self._saved:
+            for key, (fn, twin) in swapped.items():
+                if hooks.get(key) is twin:  # still in place: swap the original back
+                    hooks[key] = fn
+            if taken:
+                _reinsert(hooks, order, taken)
         self._saved.clear()
 
 
-_disabled_hooks: dict[int, tuple[Callable, Callable]] = {}
-
-
-def _dynamo_disabled(fn: Callable) -> Callable:
-    cached = _disabled_hooks.get(id(fn))
-    if cached is None or cached[0] is not fn:
-        cached = _disabled_hooks[id(fn)] = (fn, torch._dynamo.disable(fn))
-    return cached[1]
+def _reinsert(hooks: dict, order: list, taken: dict) -> None:
+    """Put the ``taken`` hooks back into ``hooks`` where they stood in ``order`` (the keys
+    before they were taken out): each before the first key that followed it then and is
+    still there, else after the last one that is; hooks added meanwhile stay after them."""
+    items = list(hooks.items())
+    position = {key: i for i, (key, _) in enumerate(items)}
+    placed: dict[int, list] = {}  # index in items -> taken hooks to put before it
+    pending: list = []
+    for key in order:
+        if key in taken:
+            pending.append((key, taken[key]))
+        elif key in position and pending:
+            placed.setdefault(position[key], []).extend(pending)
+            pending = []
+    if pending:  # nothing that followed them is left: right after the last hook from before
+        was_there = set(order)
+        last = max((i for i, (key, _) in enumerate(items) if key in was_there), default=-1)
+        placed.setdefault(last + 1, []).extend(pending)
+    merged = []
+    for i, item in enumerate(items):
+        merged.extend(placed.get(i, ()))
+        merged.append(item)
+    merged.extend(placed.get(len(items), ()))
+    hooks.clear()
+    hooks.update(merged)
 
 
 def _release_after_backward(tensors: list[torch.Tensor], release: Callable[[], None]) -> None:

@@ -126,11 +126,15 @@ class StandIns:
 class ModulePlan:
     """What compiling a frame under ``gather="module"`` needs from the call that runs it."""
 
-    root: nn.Module
+    root: nn.Module | None  # the model (plans made by hand); None from the gatherer, which must not hold it
     gather_ids: set[int]  # id() of the parameters the ops gather (stand-ins during the call)
     bucket_elements: int
     prefetch_distance: int
     counter: object  # callable(numel): counts elements gathered
+    # callable(param) -> bool: does it hold a stand-in now (checked after the passes:
+    # leafpass.passes.check_stand_ins); None: judged by its strides
+    is_stand_in: object = None
+    param_names: dict | None = None  # id(parameter) -> qualified name, for messages
 
     def make_bucket(self, params: list[nn.Parameter], names: list[str]) -> ShardBucket:
         return ShardBucket(params, names, self.counter)

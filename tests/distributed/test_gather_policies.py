@@ -149,9 +149,47 @@ def _run_case(rank: int, base, case: tuple) -> dict:
     return out
 
 
+FLAG_CHANGE = "module_flag_changed_between_steps"
+FLAG_STEPS, FLAG_UNSET_AT = 6, 3
+
+
+def _flag_change_case(rank: int, base) -> dict:
+    """gather="module"; ``layers.1.norm2`` (no children) flagged as a leaf after
+    deepspeed.initialize (so eager ZeRO-3 runs it either way), unflagged at step 3: its
+    parameters hold stand-ins from then on and the recompiled graph must gather them."""
+    import leafpass
+    from leafpass.runtime.deepspeed import root_offload
+
+    out = {}
+    mse = lambda fwd: lambda batch: F.mse_loss(fwd(batch[0]), batch[1])  # noqa: E731
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        engine = _engine(copy.deepcopy(base), _config(STRICT, 1, True))
+        norm = engine.module.layers[1].norm2
+        leafpass.set_z3_leaf_modules_by_name(engine.module, ["layers.1.norm2"])
+        if mode == "compiled":
+            engine.compile(backend="z3leaf", compile_kwargs={"options": {"gather": "module", "inner": "aot_eager"}})
+
+        def batch(micro):
+            if micro == FLAG_UNSET_AT:
+                norm._z3_leaf = False
+                # DeepSpeed checks each step's module order against the one it recorded:
+                # a new order must be recorded again (as re-registering its hooks does)
+                coordinator = root_offload(engine.module).get_param_coordinator()
+                if not coordinator.is_invalid_trace():
+                    coordinator._invalidate_trace()
+            return _batch(rank, micro)
+
+        out[mode] = _train(engine, mse(engine), FLAG_STEPS, batch)
+    return out
+
+
 def _matrix_body(rank: int, world_size: int, names: list[str]) -> dict:
     base = _moe_stack()
-    return {name: _run_case(rank, base, CASES[name]) for name in names}
+    out = {name: _run_case(rank, base, CASES[name]) for name in names if name in CASES}
+    if FLAG_CHANGE in names:
+        out[FLAG_CHANGE] = _flag_change_case(rank, base)
+    return out
 
 
 def _mixtral_body(rank: int, world_size: int) -> dict:
@@ -179,7 +217,7 @@ def _mixtral_body(rank: int, world_size: int) -> dict:
 @pytest.fixture(scope="module")
 def matrix() -> list[dict]:
     start = time.monotonic()
-    values = run_ranks(_matrix_body, list(CASES), world_size=2, timeout=420, pg_timeout=90)
+    values = run_ranks(_matrix_body, [*CASES, FLAG_CHANGE], world_size=2, timeout=420, pg_timeout=90)
     print(f"2-rank gather matrix: {time.monotonic() - start:.1f}s")
     return values
 
@@ -283,6 +321,18 @@ def test_hooks_keeps_deepspeeds_hooks(matrix):
         assert run["stats"]["calls"] == 0
         assert run["breaks"] > 0 and run["graphs"] > 1, (run["graphs"], run["breaks"])
         assert any("compiler.disable" in r or "skipped" in r for r in run["break_reasons"]), run["break_reasons"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_module_gather_follows_a_leaf_flag_changed_between_steps(matrix):
+    for rank, res in enumerate(matrix):
+        run = res[FLAG_CHANGE]
+        _assert_parity(run["eager"], run["compiled"], f"{FLAG_CHANGE} rank {rank}")
+        compiled = run["compiled"]
+        # the flag change recompiles (Dynamo guards the flag), with the plan of the new flags
+        assert compiled["graphs"] == 2 and compiled["stats"]["policy"] == "module", (rank, compiled)
+        assert compiled["stats"]["calls"] == FLAG_STEPS == compiled["stats"]["releases"], compiled["stats"]
 
 
 @pytest.mark.distributed
