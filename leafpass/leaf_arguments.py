@@ -63,8 +63,11 @@ class LeafArgumentError(TypeError):
     """A leaf's call received an argument leafpass cannot pass through an opaque call."""
 
 
-_CONSTANT_TYPES = (type(None), bool, int, float, complex, str, bytes, enum.Enum, torch.dtype, torch.device,
-                   torch.SymInt, torch.SymFloat, torch.SymBool, type)
+_CONSTANT_TYPES = (type(None), bool, int, float, complex, str, bytes, enum.Enum, torch.dtype, torch.device, type)
+# Numbers inside an object are children, not constants: one that changes between calls is
+# traced as a symbol (Dynamo's automatic dynamic), and Dynamo cannot tell a symbol from an int
+# in an isinstance check, so every number goes the way a symbol must: through the graph.
+_NUMBER_TYPES = (int, float, torch.SymInt, torch.SymFloat)
 
 
 class ObjectState:
@@ -116,7 +119,7 @@ def _is_passed_by_state(value) -> bool:
 
 
 def _state_of_attribute(value, where: str, leaf: str):
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, *_NUMBER_TYPES)) and not isinstance(value, bool):
         return value
     if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
         return type(value)(_state_of_attribute(v, f"{where}[{i}]", leaf) for i, v in enumerate(value))
@@ -135,7 +138,7 @@ def _state_of_attribute(value, where: str, leaf: str):
 def _state_of_object(obj, where: str, leaf: str) -> ObjectState:
     consts, children = [], []
     for name, value in vars(obj).items():
-        if _is_constant(value):
+        if _is_constant(value) and not (isinstance(value, _NUMBER_TYPES) and not isinstance(value, bool)):
             consts.append((name, value))
         else:
             children.append((name, _state_of_attribute(value, f"{where}.{name}", leaf)))
@@ -308,16 +311,49 @@ class ReadObjectStates:
         self.__qualname__ = self.__name__
         self.__module__ = __name__
 
+        self.layouts = [pytree.tree_unflatten(list(range(spec.num_leaves)), spec) for spec in expected]
+
     def __call__(self, built):
-        flat = []
-        for obj, expected in zip(built_objects(built, self.template), self.expected):
-            values, spec = pytree.tree_flatten(state_after_call(obj, self.leaf))
-            if spec != expected:
-                raise LeafArgumentError(
-                    f"leafpass: leaf {self.leaf} left its {type(obj).__name__} argument with other "
-                    f"attributes, classes or constants than at compile time ({spec} where {expected} was "
-                    f"compiled); the compiled code after the leaf would read stale values. Make the "
-                    f"leaf's update depend on input shapes only, or unflag it (module._z3_leaf = False)."
-                )
-            flat.extend(values)
+        flat: list = []
+        for obj, layout in zip(built_objects(built, self.template), self.layouts):
+            _read_object(obj, layout, type(obj).__name__, self, flat)
         return tuple(flat)
+
+    def mismatch(self, where: str, found, compiled) -> LeafArgumentError:
+        return LeafArgumentError(
+            f"leafpass: leaf {self.leaf} left its argument with {where} = {found!r} where {compiled!r} was "
+            f"compiled for; the compiled code after the leaf would read stale values. Make the leaf's "
+            f"update of its arguments depend on input shapes only, or unflag it (module._z3_leaf = False)."
+        )
+
+
+def _read_object(obj, layout: ObjectState, where: str, reader: ReadObjectStates, flat: list) -> None:
+    """Append the values of ``obj`` at ``layout``'s leaf positions (a skeleton of the
+    state compiled for) to ``flat``; constants, classes and attributes must match."""
+    if type(obj) is not layout.cls:
+        raise reader.mismatch(f"{where} of class", type(obj).__name__, layout.cls.__name__)
+    attrs = vars(obj)
+    names = [n for n, _ in layout.consts] + [n for n, _ in layout.children]
+    if sorted(attrs) != sorted(names):
+        raise reader.mismatch(f"{where} attributes", sorted(attrs), sorted(names))
+    for name, value in layout.consts:
+        if attrs[name] is not value and attrs[name] != value:
+            raise reader.mismatch(f"{where}.{name}", attrs[name], value)
+    for name, child in layout.children:
+        _read_value(attrs[name], child, f"{where}.{name}", reader, flat)
+
+
+def _read_value(value, layout, where: str, reader: ReadObjectStates, flat: list) -> None:
+    if isinstance(layout, ObjectState):
+        _read_object(value, layout, where, reader, flat)
+    elif layout is None:
+        if value is not None:
+            raise reader.mismatch(where, type(value).__name__, None)
+    elif type(layout) in (list, tuple, dict):
+        if type(value) is not type(layout) or len(value) != len(layout):
+            raise reader.mismatch(where, f"{type(value).__name__} of {len(value)}", f"{type(layout).__name__} of {len(layout)}")
+        keys = layout.keys() if isinstance(layout, dict) else range(len(layout))
+        for k in keys:
+            _read_value(value[k], layout[k], f"{where}[{k!r}]", reader, flat)
+    else:
+        flat.append(value)  # a tensor, or a number traced as a symbol

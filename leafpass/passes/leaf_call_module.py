@@ -118,14 +118,17 @@ class _BuiltArguments:
         self.objects: list[tuple[torch.fx.Node, object]] = []  # (build node, its template)
 
 
+_WRITABLE_LEAVES = (torch.fx.Node, type(None), bool, int, float, str, torch.dtype, torch.device, slice,
+                    type(Ellipsis))
+
+
 def _writable(value) -> bool:
-    """True when FX can write ``value`` as code: nodes, constants, tuples, lists, dicts."""
-    if is_object_state(value):
-        return False
+    """True when FX can write ``value`` as code: nodes, plain constants, tuples, lists, dicts
+    of them (not an enum or a ``ModelOutput``: FX writes their ``repr``, or a plain dict)."""
     if type(value) in (tuple, list, dict) or (isinstance(value, tuple) and hasattr(value, "_fields")):
         children = value.values() if isinstance(value, dict) else value
         return all(_writable(v) for v in children)
-    return type(value) not in pytree.SUPPORTED_NODES
+    return isinstance(value, _WRITABLE_LEAVES)
 
 
 def _build_arguments(graph: torch.fx.Graph, leaf: str, call_args, call_kwargs) -> _BuiltArguments:
