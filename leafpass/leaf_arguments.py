@@ -319,8 +319,8 @@ class ReadObjectStates:
             _read_object(obj, layout, type(obj).__name__, self, flat)
         return tuple(flat)
 
-    def mismatch(self, where: str, found, compiled) -> LeafArgumentError:
-        return LeafArgumentError(
+    def mismatch(self, where: str, found, compiled) -> str:
+        return (
             f"leafpass: leaf {self.leaf} left its argument with {where} = {found!r} where {compiled!r} was "
             f"compiled for; the compiled code after the leaf would read stale values. Make the leaf's "
             f"update of its arguments depend on input shapes only, or unflag it (module._z3_leaf = False)."
@@ -331,14 +331,14 @@ def _read_object(obj, layout: ObjectState, where: str, reader: ReadObjectStates,
     """Append the values of ``obj`` at ``layout``'s leaf positions (a skeleton of the
     state compiled for) to ``flat``; constants, classes and attributes must match."""
     if type(obj) is not layout.cls:
-        raise reader.mismatch(f"{where} of class", type(obj).__name__, layout.cls.__name__)
+        raise LeafArgumentError(reader.mismatch(f"{where} of class", type(obj).__name__, layout.cls.__name__))
     attrs = vars(obj)
     names = [n for n, _ in layout.consts] + [n for n, _ in layout.children]
     if sorted(attrs) != sorted(names):
-        raise reader.mismatch(f"{where} attributes", sorted(attrs), sorted(names))
+        raise LeafArgumentError(reader.mismatch(f"{where} attributes", sorted(attrs), sorted(names)))
     for name, value in layout.consts:
         if attrs[name] is not value and attrs[name] != value:
-            raise reader.mismatch(f"{where}.{name}", attrs[name], value)
+            raise LeafArgumentError(reader.mismatch(f"{where}.{name}", attrs[name], value))
     for name, child in layout.children:
         _read_value(attrs[name], child, f"{where}.{name}", reader, flat)
 
@@ -348,10 +348,11 @@ def _read_value(value, layout, where: str, reader: ReadObjectStates, flat: list)
         _read_object(value, layout, where, reader, flat)
     elif layout is None:
         if value is not None:
-            raise reader.mismatch(where, type(value).__name__, None)
+            raise LeafArgumentError(reader.mismatch(where, type(value).__name__, None))
     elif type(layout) in (list, tuple, dict):
         if type(value) is not type(layout) or len(value) != len(layout):
-            raise reader.mismatch(where, f"{type(value).__name__} of {len(value)}", f"{type(layout).__name__} of {len(layout)}")
+            found, compiled = f"{type(value).__name__} of {len(value)}", f"{type(layout).__name__} of {len(layout)}"
+            raise LeafArgumentError(reader.mismatch(where, found, compiled))
         keys = layout.keys() if isinstance(layout, dict) else range(len(layout))
         for k in keys:
             _read_value(value[k], layout[k], f"{where}[{k!r}]", reader, flat)
