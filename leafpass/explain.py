@@ -328,8 +328,11 @@ def render_text(report: dict[str, Any]) -> str:
 
     breaks, skipped, causes = report["graph_breaks"], report["skipped_frames"], report["break_causes"]
     add("")
-    add(f"graph breaks: {len(breaks)}, frames Dynamo gave up on (they ran eagerly): {len(skipped)}; "
-        f"by cause: {len(causes)}")
+    if breaks or skipped:
+        add(f"graph breaks: {len(breaks)}, frames Dynamo gave up on (they ran eagerly): {len(skipped)}; "
+            f"by cause: {len(causes)}")
+    else:
+        add("graph breaks: 0")
     for i, c in enumerate(causes, 1):
         counts = [f"{c['breaks']} break{'s' * (c['breaks'] != 1)}"] if c["breaks"] else []
         if c["eager_frames"]:
