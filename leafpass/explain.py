@@ -10,25 +10,36 @@ model with ``torch.compile(backend=leafpass.make_backend(inner=...))`` on CPU, n
   each was flagged and how many opaque calls the graphs make to it;
 * the number of graphs the backend received (with ``--graph``, each one as
   ``leafpass.format_graph`` text);
-* every graph break: reason, user-code location, the module(s) its code is in and
-  whether that is inside a flagged leaf; frames Dynamo gave up on (run eagerly);
+* graph breaks and frames Dynamo gave up on (run eagerly), grouped by cause (the same
+  location and reason): how many times each hit, the module(s) its code is in and
+  whether that is inside a flagged leaf, and one short stack (the model's ``forward``s
+  and the user's own code; library frames folded);
 * recompiles, with Dynamo's guard-failure reason;
 * every ``prefetch_all``, in graph order: the leaf and its parameter count;
-* with ``--suggest``: modules to flag that would remove the breaks, best first, and a
-  check that flags the recommended ones on a copy of the model and compiles again.
+* with ``--suggest``: modules to flag that would remove the breaks (the smallest module
+  holding each, DeepSpeed's default leaf classes first), what each gathers at once, and
+  a check that flags the recommended ones on a copy of the model, compiles again and
+  says in one line what is left.
 
 ``--json`` prints the same as one JSON object. Its keys: ``leaves`` (list of ``{name,
 class, qualified_class, params, numel, bytes, flagged_by, opaque_calls}`` where
 ``params`` counts parameter tensors as ``prefetch_all`` does and ``numel`` their
 elements), ``graphs`` (int), ``graph_details`` (per graph: ``ops``, ``leaf_calls``,
-``prefetches``, and ``text`` with ``--graph``), ``graph_breaks`` (list of ``{reason,
-location, function, module, in_leaf, user_stack, detail}``), ``skipped_frames``
-(frames Dynamo gave up on; same fields plus ``code``), ``recompiles`` (a list, one
+``prefetches``, and ``text`` with ``--graph``), ``graph_breaks`` (the raw list, one
+``{reason, location, function, module, in_leaf, user_stack, detail}`` per break Dynamo
+recorded), ``skipped_frames`` (frames Dynamo gave up on; same fields plus ``code``),
+``break_causes`` (both grouped by location and reason, most frequent first: ``{location,
+reason, function, module, in_leaf, breaks, eager_frames, eager_functions, graph_breaks,
+skipped_frames, stack, folded_frames}``, ``graph_breaks``/``skipped_frames`` being indices
+into the raw lists and ``stack`` the short stack), ``recompiles`` (a list, one
 ``{function, location, reason, module, compile_id}`` per recompile: its length is the
 count), ``prefetches`` (list of ``{leaf, params}`` in order), and with ``--suggest``
-``suggested_leaves`` (list of ``{name, class, breaks, recompiles, params, bytes,
-recommended}``) and ``suggestion_check`` (``{flagged, status, graphs_before,
-graphs_after, breaks_before, breaks_after, recompiles_before, recompiles_after}``).
+``suggested_leaves`` (list of ``{class, qualified_class, names, deepspeed_default, why,
+breaks, recompiles, params, numel, bytes, recommended, after, apply}``, ``after`` being
+``{graphs, breaks, recompiles}`` as the check measured or null) and ``suggestion_check``
+(``{flagged, status, graphs_before, graphs_after, breaks_before, breaks_after,
+recompiles_before, recompiles_after, apply}``, plus ``failed_class`` and a one-line
+``error`` when ``status`` is ``failed``).
 
 The report is also logged as the structured-trace artifact ``leafpass_explain``, so a
 run under ``TORCH_TRACE=dir`` shows it in tlparse.

@@ -43,7 +43,7 @@ import leafpass
 
 __all__ = ["build_report", "describe_inputs", "summarize_reason"]
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: break_causes; suggested_leaves grouped by class
 
 
 # --------------------------------------------------------------------------- paths and frames
