@@ -17,7 +17,8 @@ Runs (each a fixture shared by the tests that read it):
   explicit ``hooks`` (DeepSpeed's hooks, graph breaks, still exact), and through
   ``torch.compile(engine.module, fullgraph=True)`` instead of ``engine.compile``;
 * ``three_ranks``: world size 3, GA 2, step and module;
-* ``mixtral``: a tiny Hugging Face Mixtral with eager experts, 50 steps of changing routing;
+* ``mixtral``: a tiny Hugging Face Mixtral with eager experts, 50 steps of changing routing,
+  and 8 steps with whole decoder layers flagged (each call takes the ``DynamicCache``);
 * failures: an exception inside the compiled step on one rank, and ranks that would
   gather different parameters.
 """
@@ -63,6 +64,7 @@ POLICY = {"default_auto_inductor": "step", "ga2_noncontiguous": "step", "strict_
 MIXTRAL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
 MIXTRAL_STEPS = 50
+MIXTRAL_LAYER_STEPS = 8  # with whole decoder layers as leaves (use_cache at its default)
 
 
 # ----------------------------------------------------------------- what runs on each rank
@@ -200,17 +202,23 @@ def _mixtral_body(rank: int, world_size: int) -> dict:
                                                          experts_implementation="eager")
     base.train()
     out = {}
-    for mode in ("eager", "compiled"):
+    for mode in ("eager", "compiled", "decoder_layers"):
         torch._dynamo.reset()
-        engine = _engine(copy.deepcopy(base), zero3_config(1))  # DeepSpeed flags the MoE blocks
-        if mode == "compiled":
+        model = copy.deepcopy(base)
+        if mode == "decoder_layers":  # whole layers as leaves: each call takes the DynamicCache
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, ["MixtralDecoderLayer"])
+        engine = _engine(model, zero3_config(1))  # DeepSpeed flags the MoE blocks
+        if mode != "eager":
             engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": "aot_eager"}})
 
         def batch(micro):  # new tokens every step: the routing changes every step
             gen = torch.Generator().manual_seed(100 * rank + micro)
             return torch.randint(0, MIXTRAL["vocab_size"], (2, 8), generator=gen)
 
-        out[mode] = _train(engine, lambda ids: engine(input_ids=ids, labels=ids).loss, MIXTRAL_STEPS, batch)
+        steps = MIXTRAL_LAYER_STEPS if mode == "decoder_layers" else MIXTRAL_STEPS
+        out[mode] = _train(engine, lambda ids: engine(input_ids=ids, labels=ids).loss, steps, batch)
     return out
 
 
@@ -353,6 +361,18 @@ def test_mixtral_50_steps_of_changing_routing_one_graph_no_recompiles(mixtral):
         _assert_one_graph(res["compiled"], f"mixtral rank {rank}")
         assert len(res["compiled"]["losses"]) == MIXTRAL_STEPS
         _assert_parity(res["eager"], res["compiled"], f"mixtral rank {rank}")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_mixtral_whole_decoder_layers_as_leaves_take_the_cache_one_graph(mixtral):
+    # each layer's call takes the DynamicCache the model makes (use_cache at its default)
+    for rank, res in enumerate(mixtral):
+        run = res["decoder_layers"]
+        _assert_one_graph(run, f"mixtral decoder layers rank {rank}")
+        eager = res["eager"]["losses"][:MIXTRAL_LAYER_STEPS]
+        diffs = [abs(a - b) for a, b in zip(eager, run["losses"])]
+        assert len(run["losses"]) == MIXTRAL_LAYER_STEPS and max(diffs) <= TOL, (rank, eager, run["losses"])
 
 
 # ------------------------------------------------------------------------------- failures
