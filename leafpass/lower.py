@@ -35,6 +35,7 @@ from .leaf_arguments import BuildArgument
 from .leaf_call import leaf_call_of
 from .passes.leaf_call_module import ARGUMENT_META
 from .runtime import _leaf_environments, in_leaf_environment
+from .runtime.leaf_inputs import leaf_input_for_deepspeed_backward_hook
 from .passes.inline_checkpoint import CheckpointRegion, checkpoint_region_of
 from .passes.insert_prefetch import is_prefetch_node
 from .shape_inference import LeafShapeError
@@ -191,8 +192,11 @@ class _LeafPiece(torch.nn.Module):
         self.expected = expected
         self.region = region
         self.leaves = [n.target for n in piece.graph.nodes if n.op == "call_module"]
+        self.leaf_modules = [piece.get_submodule(name) for name in self.leaves]
 
     def forward(self, *args):
+        # everything before the leaf frozen: see runtime.leaf_inputs
+        args = leaf_input_for_deepspeed_backward_hook(self.leaf_modules, args)
         if self.region is not None and torch.is_grad_enabled():
             # from a checkpoint region: keep nothing for backward but the inputs, and run
             # prefetch_all + the leaf again there (non-reentrant, as Dynamo traces every

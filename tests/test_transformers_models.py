@@ -36,7 +36,7 @@ import torch._dynamo
 transformers = pytest.importorskip("transformers")
 
 import leafpass  # noqa: E402
-from tests.compile_case import CompileTestCase  # noqa: E402
+from tests.compile_case import CompileTestCase, assert_same_grads  # noqa: E402
 
 pytestmark = pytest.mark.transformers
 
@@ -187,10 +187,7 @@ def test_one_graph_and_parity_with_eager(kind, impl):
         torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6, msg=f"logits, step {step}")
         out.loss.backward()
         ref.loss.backward()
-        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-            assert (p.grad is None) == (q.grad is None), f"grad presence of {name}, step {step}"
-            if p.grad is not None:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"grad of {name}, step {step}")
+        assert_same_grads(model, reference, f"step {step}")
         assert any(p.grad is not None for p in model.model.layers[-1].mlp.parameters())
 
     assert len(graphs) == 1, f"{len(graphs)} graphs (a recompile or a break)"
