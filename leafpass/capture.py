@@ -34,6 +34,7 @@ from . import dynamo_internals as internals
 from .dynamo_internals import assume_constant_result, leaf_function
 
 from . import shape_inference
+from .flags import z3_leaf_module
 from .gather import root_gatherer
 
 __all__ = ["install", "installed", "run_leaf", "is_leafpass_backend"]
@@ -45,6 +46,8 @@ _local = threading.local()
 
 def _leafpass_module_call(self: nn.Module, *args, **kwargs):
     if torch.compiler.is_compiling():
+        # getattr, not flags.z3_leaf_module: Dynamo guards this read as the user wrote it
+        # (``L['self'].moe._z3_leaf == True``), the guard that recompiles on a flag change
         if _tracing_for_leafpass() and getattr(self, "_z3_leaf", False):
             return run_leaf(self, args, kwargs)
         return _original_call(self, *args, **kwargs)
@@ -53,7 +56,7 @@ def _leafpass_module_call(self: nn.Module, *args, **kwargs):
     # compiled frame is entered), where Dynamo would try to compile any other frame.
     # Dynamo's callback is read here: inside a disabled function it is always off.
     callback = _callback_now()
-    if callback and _flagged_fast(self) and _is_leafpass_callback(callback):
+    if callback and z3_leaf_module(self) and _is_leafpass_callback(callback):
         return _run_uncaptured_leaf(self, args, kwargs)
     flags = self.__dict__
     if flags.get("_compiled_call_impl") is not None or (flags.get("_forward_pre_hooks") and callback):
@@ -77,15 +80,6 @@ def _root_call_plan(module: nn.Module, callback):
         return None
     gatherer = root_gatherer(module)
     return None if gatherer is None else (gatherer, options)
-
-
-def _flagged_fast(module: nn.Module) -> bool:
-    # Eager hot path: a dict lookup instead of getattr, whose miss goes through
-    # nn.Module.__getattr__ and an exception.
-    flags = module.__dict__
-    if "_z3_leaf" in flags:
-        return bool(flags["_z3_leaf"])
-    return bool(getattr(type(module), "_z3_leaf", False))
 
 
 # id(callback) -> (weak reference to the callback, its answer); an entry goes with its

@@ -159,7 +159,7 @@ def test_every_way_has_a_setup_and_a_label_and_module_ways_their_options():
     }
     assert zc.z3leaf_options("z3leaf_strict", spec) == {"inner": "aot_eager", "gather": "auto"}
     assert zc.z3leaf_options("eager_strict", spec) is None
-    from leafpass.backend import _check_options
+    from leafpass.options import check_options as _check_options
 
     for way in zc.WAYS:  # every way's options are valid z3leaf options
         if zc.WAY_SETUPS[way][0] == "z3leaf":

@@ -122,7 +122,7 @@ def leaf_module_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.nn.Mo
 
 def leaf_call_module_pass(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite every leafpass ``invoke_leaf_function`` node into ``call_module``."""
-    from .inline_checkpoint import CHECKPOINT_META
+    from ..graph_nodes import CHECKPOINT_META
 
     graph = gm.graph
     calls_per_leaf: dict[str, int] = {}

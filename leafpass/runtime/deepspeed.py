@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..flags import z3_leaf_module  # DeepSpeed reads the same flag: module._z3_leaf
 from ..versions import in_range
 from .deepspeed_probe import CollectiveCounter, CollectiveEvent, count_collectives
 
@@ -133,10 +134,6 @@ def _coordinator_private(coordinator, name: str):
         ) from None
 
 
-def _is_leaf(module: nn.Module) -> bool:
-    # deepspeed/utils/z3_leaf_module.py: the leaf flag is module._z3_leaf.
-    return bool(getattr(module, "_z3_leaf", False))
-
 
 class DeepSpeedRuntime:
     """Gathers a ZeRO-3 leaf's parameters in one coalesced all-gather before its call.
@@ -199,7 +196,7 @@ class DeepSpeedRuntime:
         start_gather(owner, missing)
         for p in started:
             del self._started[p]
-        wait_gathered(owner, missing + started, fast_fetch=_is_leaf(leaf), what=type(leaf).__name__)
+        wait_gathered(owner, missing + started, fast_fetch=z3_leaf_module(leaf), what=type(leaf).__name__)
 
     @torch.no_grad()
     def prefetch_start(self, leaf: nn.Module, params: list[nn.Parameter]) -> None:

@@ -72,12 +72,14 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .. import dynamo_internals as internals
-from ..gather import check_gather
+from ..options import check_gather
+from ..flags import z3_leaf_module
 from ..gather_ops import live_gathered
 from ..schedule_check import check_same_gather, check_same_leaves
 from . import deepspeed as ds
 from . import leaf_environment
-from .deepspeed_module import ModulePlan, StandIns, set_plan
+from ..module_plan import ModulePlan, set_plan
+from .deepspeed_module import ShardPlan, StandIns
 
 __all__ = ["DeepSpeedGatherer", "StepStats"]
 
@@ -100,16 +102,12 @@ class StepStats:
                 f"releases={self.releases})")
 
 
-def _leaf(module: nn.Module) -> bool:
-    return bool(getattr(module, "_z3_leaf", False))
-
-
 def _outside_leaves(root: nn.Module) -> list[nn.Module]:
     """``root`` and every module not inside a flagged leaf's subtree (leaves excluded)."""
     found, stack = [], [root]
     while stack:
         module = stack.pop()
-        if module is not root and _leaf(module):
+        if module is not root and z3_leaf_module(module):
             continue
         found.append(module)
         stack.extend(reversed(list(module.children())))
@@ -213,7 +211,7 @@ class DeepSpeedGatherer:
         if chosen == "hooks":
             if not self._checked:  # every rank calls the model here: name leaves that differ
                 self._checked = True
-                check_same_leaves([name for name, m in root.named_modules() if m is not root and _leaf(m)])
+                check_same_leaves([name for name, m in root.named_modules() if m is not root and z3_leaf_module(m)])
             return None
         modules = _outside_leaves(root)
         self._check_leaves(root, modules)
@@ -256,7 +254,7 @@ class DeepSpeedGatherer:
             )
         for module in modules:
             for child in module.children():
-                if id(child) in self._leaves_ok or not _leaf(child):
+                if id(child) in self._leaves_ok or not z3_leaf_module(child):
                     continue
                 if not ds.leaf_when_hooked(child):
                     name = next((n for n, m in root.named_modules() if m is child), type(child).__name__)
@@ -308,7 +306,7 @@ class DeepSpeedGatherer:
         ids = frozenset(id(p) for p in gathered)
         plan = self._plans.get((ids, bucket, distance))
         if plan is None:
-            plan = self._plans[(ids, bucket, distance)] = ModulePlan(
+            plan = self._plans[(ids, bucket, distance)] = ShardPlan(
                 root=None, gather_ids=set(ids), bucket_elements=bucket, prefetch_distance=distance,
                 counter=_weak_counter(self), is_stand_in=self._stand_ins.is_stand_in,
                 param_names={id(p): name for name, p in self._root().named_parameters()},
@@ -499,3 +497,8 @@ def _release_after_backward(tensors: list[torch.Tensor], release: Callable[[], N
 # The gatherer's call runs where Dynamo's callback may be active; Dynamo must not try to
 # compile it as a frame of its own (it calls the compiled frame).
 internals.never_compile_as_frame(DeepSpeedGatherer.call.__code__)
+
+
+def gatherer_for_root(module: nn.Module) -> DeepSpeedGatherer | None:
+    """The engine table's entry point (``leafpass.runtime.ENGINES``)."""
+    return DeepSpeedGatherer.for_root(module)

@@ -12,14 +12,12 @@
   autograd hand each full-size gradient to the parameter's ``AccumulateGrad``, which
   DeepSpeed's gradient hook then reduce-scatters exactly as in eager ZeRO-3. The real
   (empty) data is put back once backward has finished.
-* :class:`ModulePlan`: what the compile of a frame under ``gather="module"`` needs from
-  the call that triggered it (which parameters to gather, bucket size, prefetch distance).
+* :class:`ShardPlan`: the :class:`~leafpass.module_plan.ModulePlan` whose buckets are
+  :class:`ShardBucket`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 import weakref
 
 import torch
@@ -27,9 +25,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..module_plan import ModulePlan
 from . import deepspeed as ds
 
-__all__ = ["ModulePlan", "ShardBucket", "StandIns", "current_plan", "set_plan"]
+__all__ = ["ShardBucket", "ShardPlan", "StandIns"]
 
 
 class ShardBucket:
@@ -122,33 +121,8 @@ class StandIns:
                 p.data = data
 
 
-@dataclasses.dataclass
-class ModulePlan:
-    """What compiling a frame under ``gather="module"`` needs from the call that runs it."""
-
-    root: nn.Module | None  # the model (plans made by hand); None from the gatherer, which must not hold it
-    gather_ids: set[int]  # id() of the parameters the ops gather (stand-ins during the call)
-    bucket_elements: int
-    prefetch_distance: int
-    counter: object  # callable(numel): counts elements gathered
-    # callable(param) -> bool: does it hold a stand-in now (checked after the passes:
-    # leafpass.passes.check_stand_ins); None: judged by its strides
-    is_stand_in: object = None
-    param_names: dict | None = None  # id(parameter) -> qualified name, for messages
+class ShardPlan(ModulePlan):
+    """A :class:`~leafpass.module_plan.ModulePlan` whose buckets gather DeepSpeed shards."""
 
     def make_bucket(self, params: list[nn.Parameter], names: list[str]) -> ShardBucket:
         return ShardBucket(params, names, self.counter)
-
-
-_local = threading.local()
-
-
-def set_plan(plan: ModulePlan | None) -> ModulePlan | None:
-    """Make ``plan`` the one compiles in this thread see; returns the one it replaces."""
-    previous = getattr(_local, "plan", None)
-    _local.plan = plan
-    return previous
-
-
-def current_plan() -> ModulePlan | None:
-    return getattr(_local, "plan", None)
