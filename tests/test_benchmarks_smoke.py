@@ -110,7 +110,7 @@ def test_eager_rows_have_no_compile_figures(quick_result):
 
 def _zero3_row(way: str, step_ms: float, peak: int, gathers: float, gather=None, settings=None, graphs=1,
                breaks=0) -> dict:
-    from leafpass import zero3_compare as zc
+    from leafpass.tools import zero3_compare as zc
 
     backend, limits, way_gather = zc.WAY_SETUPS[way]
     return {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from leafpass import zero3_compare as zc
+from leafpass.tools import zero3_compare as zc
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,7 +138,7 @@ def test_table_and_reading_on_stdout(demo_run):
 
 
 def test_default_ways_compare_default_and_strict_limits():
-    from leafpass.demo import DEMO_WAYS, parse_args
+    from leafpass.tools.demo import DEMO_WAYS, parse_args
 
     assert parse_args([]).ways == list(DEMO_WAYS)
     limits = {zc.WAY_SETUPS[w][1] or zc.CompareSpec().zero_limits for w in DEMO_WAYS}
@@ -181,7 +181,7 @@ def test_every_way_has_a_setup_and_a_label_and_module_ways_their_options():
     ],
 )
 def test_bad_flags_are_one_line_errors(argv, message, capsys):
-    from leafpass.demo import main
+    from leafpass.tools.demo import main
 
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -190,7 +190,7 @@ def test_bad_flags_are_one_line_errors(argv, message, capsys):
 
 
 def test_missing_deepspeed_names_the_extra(monkeypatch, capsys):
-    from leafpass.demo import main
+    from leafpass.tools.demo import main
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # "import deepspeed" raises ImportError
     assert main(["--steps", "3"]) == 2
@@ -262,7 +262,7 @@ def test_gathered_elements_tracker_counts_in_graph_gathers():
     import torch
 
     from leafpass.gather_ops import live_gathered
-    from leafpass.runtime.deepspeed_probe import GatheredElementsTracker
+    from leafpass.tools.deepspeed_probe import GatheredElementsTracker
 
     tracker = GatheredElementsTracker(torch.nn.Linear(2, 2))  # no ZeRO-3 parameters: in-graph gathers only
     before = len(live_gathered.listeners)

@@ -19,8 +19,8 @@ import torch._logging
 from torch import nn
 
 import leafpass
-from leafpass import explain
-from leafpass.explain_report import Frame, ModuleIndex, _leaves, suggest_leaves
+from leafpass.tools import explain
+from leafpass.tools.explain_report import Frame, ModuleIndex, _leaves, suggest_leaves
 from leafpass.testing.models import ExpertMLP, MoEBlock, TwoMoE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..flags import z3_leaf_module  # DeepSpeed reads the same flag: module._z3_leaf
 from ..versions import in_range
-from .deepspeed_probe import CollectiveCounter, CollectiveEvent, count_collectives
+from ..tools.deepspeed_probe import CollectiveCounter, CollectiveEvent, count_collectives
 
 __all__ = [
     "SUPPORTED_DEEPSPEED",

@@ -22,7 +22,7 @@ def _body(rank: int, world_size: int) -> dict:
     from deepspeed.utils import set_z3_leaf_modules
 
     from leafpass.runtime import deepspeed as ds
-    from leafpass.runtime.deepspeed_probe import GatheredElementsTracker, count_collectives
+    from leafpass.tools.deepspeed_probe import GatheredElementsTracker, count_collectives
     from leafpass.testing.models import MoEBlock, TwoMoE
 
     torch.manual_seed(0)

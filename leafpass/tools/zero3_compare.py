@@ -27,7 +27,7 @@ in several ways (:data:`WAY_SETUPS`):
 
 ::
 
-    from leafpass.zero3_compare import CompareSpec, compare, markdown_table, reading
+    from leafpass.tools.zero3_compare import CompareSpec, compare, markdown_table, reading
 
     rows = compare(CompareSpec(steps=8, ranks=2))
     print(markdown_table(rows)); print(reading(rows))
@@ -138,7 +138,7 @@ DEFINITIONS = {
     "gather_settings": "ways whose gather resolved to 'module': the bucket_elements and prefetch_distance it "
     "ran with (the options', else the engine's stage3_prefetch_bucket_size and 1, or 0 when that is 0)",
     "peak_gathered_elements": "most ZeRO-3 parameter elements gathered at once during a steady step, max over "
-    "ranks (leafpass.runtime.deepspeed_probe.GatheredElementsTracker): DeepSpeed's AVAILABLE parameters plus "
+    "ranks (leafpass.tools.deepspeed_probe.GatheredElementsTracker): DeepSpeed's AVAILABLE parameters plus "
     "the buffers and weights gather='module''s in-graph gathers hold (gather_ops.live_gathered); gathers in "
     "flight count from their start; persistent parameters left out",
     "graphs": "graphs Dynamo compiled in rank 0 over the whole run "
@@ -150,7 +150,7 @@ DEFINITIONS = {
     "recompile_limit_hits": "rank 0: times Dynamo hit config.recompile_limit for a frame "
     "(it runs eagerly from then on)",
     "all_gathers_per_step": "all-gather collectives rank 0 issued per steady step (median; "
-    "leafpass.runtime.deepspeed_probe.count_collectives, one call of a process-group collective = one)",
+    "leafpass.tools.deepspeed_probe.count_collectives, one call of a process-group collective = one)",
     "compile_s": "rank 0: wall seconds of the warm-up steps minus as many median steady steps: the first "
     "step (trace + compile) and the second (recompiles for what new routing changed, e.g. dynamic shapes)",
     "first_step_compile_s": "rank 0: wall seconds of the first step minus the median steady step",
@@ -179,7 +179,7 @@ class DeepSpeedMissing(RuntimeError):
 def check_deepspeed() -> str:
     """DeepSpeed's version; raise :class:`DeepSpeedMissing` with an install hint if it is missing."""
     try:
-        from .runtime.deepspeed import check_deepspeed_version
+        from ..runtime.deepspeed import check_deepspeed_version
 
         return check_deepspeed_version()
     except ImportError as exc:
@@ -294,7 +294,7 @@ class _HookTimer:
     def install(self, engine) -> None:
         import torch
 
-        from .runtime.deepspeed import _offload_for, deepspeed_runtime
+        from ..runtime.deepspeed import _offload_for, deepspeed_runtime
 
         offload = _offload_for(engine.module)
         if offload is None:
@@ -437,10 +437,10 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
 
     limit_hits = _quiet_logs(spec.quiet)
 
-    from .gather import gather_stats
-    from .runtime.deepspeed_probe import GatheredElementsTracker, count_collectives
-    from .testing.distributed import zero3_config
-    from .testing.models import MoEBlock, MoEStack
+    from ..gather import gather_stats
+    from .deepspeed_probe import GatheredElementsTracker, count_collectives
+    from ..testing.distributed import zero3_config
+    from ..testing.models import MoEBlock, MoEStack
 
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -526,7 +526,7 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
     policy = getattr(gather_stats(engine.module), "policy", None) if way_backend == "z3leaf" else None
     gather_settings = None
     if policy == "module":
-        from .gather import root_gatherer
+        from ..gather import root_gatherer
 
         gatherer = root_gatherer(engine.module)
         if gatherer is not None and hasattr(gatherer, "module_settings"):
@@ -689,7 +689,7 @@ def run_way(way: str, spec: CompareSpec, *, keep_going: bool = True) -> dict[str
     if way not in WAYS:
         raise ValueError(f"unknown way {way!r}; choose from {list(WAYS)}")
     check_deepspeed()
-    from .testing.distributed import DistributedRunError, run_ranks
+    from ..testing.distributed import DistributedRunError, run_ranks
 
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:

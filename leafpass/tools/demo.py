@@ -10,7 +10,7 @@ on the same data (each rank its own batches, so the ranks route tokens different
 progress bar per way on stderr, then a table side by side and a short reading of it on
 stdout (which compares the strict ``module`` way with eager ZeRO-3 under strict limits:
 step time and peak gathered elements). ``--ways`` adds others, e.g. ``z3leaf_module``
-(``gather="module"`` with larger buckets). See :mod:`leafpass.zero3_compare` for what each
+(``gather="module"`` with larger buckets). See :mod:`leafpass.tools.zero3_compare` for what each
 column means. Offline, CPU only (gloo), a few minutes on 2 cores with the defaults.
 """
 
