@@ -43,6 +43,7 @@ __all__ = [
     "Engine",
     "NullRuntime",
     "engine_of",
+    "engine_version",
     "leaf_environments_active",
     "owned_by_engine",
     "in_leaf_environment",
@@ -120,12 +121,15 @@ class Engine:
     ``mark``: the attribute its partitioned parameters (and the modules it registered)
     carry. ``runtime``: ``"module:function"``, ``function() -> PrefetchRuntime``.
     ``gatherer``: ``"module:function"``, ``function(root module) -> gatherer or None``
-    (what wraps a compiled call of a partitioned root: ``leafpass.gather``), or None."""
+    (what wraps a compiled call of a partitioned root: ``leafpass.gather``), or None.
+    ``version``: ``"module:function"``, ``function() -> version`` that imports the engine
+    and raises if leafpass does not support its version."""
 
     name: str
     mark: str
     runtime: str
     gatherer: str | None = None
+    version: str | None = None
 
     def load(self, what: str) -> Callable:
         module, _, function = getattr(self, what).partition(":")
@@ -138,8 +142,17 @@ ENGINES: list[Engine] = [
         mark="ds_id",
         runtime="leafpass.runtime.deepspeed:deepspeed_runtime",
         gatherer="leafpass.runtime.deepspeed_gatherer:gatherer_for_root",
+        version="leafpass.runtime.deepspeed:check_deepspeed_version",
     ),
 ]
+
+
+def engine_version(name: str) -> str:
+    """Import engine ``name`` and return its version; raise if leafpass does not support it."""
+    for engine in ENGINES:
+        if engine.name == name and engine.version is not None:
+            return str(engine.load("version")())
+    raise ValueError(f"leafpass knows no engine {name!r}; known: {[e.name for e in ENGINES]}")
 
 
 def owned_by_engine(obj) -> bool:

@@ -30,16 +30,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..flags import z3_leaf_module  # DeepSpeed reads the same flag: module._z3_leaf
 from ..versions import in_range
-from ..tools.deepspeed_probe import CollectiveCounter, CollectiveEvent, count_collectives
 
 __all__ = [
     "SUPPORTED_DEEPSPEED",
-    "CollectiveCounter",
-    "CollectiveEvent",
     "DeepSpeedRuntime",
     "attach_deepspeed_comm",
     "check_deepspeed_version",
-    "count_collectives",
     "dedupe_params",
     "deepspeed_runtime",
     "skip_cpu_shm_comm_build",

@@ -95,6 +95,8 @@ class StepStats:
         self.gathered_elements = 0  # by the last call
         self.peak_gathered_elements = 0
         self.releases = 0
+        # gather="module": (bucket_elements, prefetch_distance) of the last such call
+        self.module_settings: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return (f"StepStats(policy={self.policy!r}, calls={self.calls}, gathered_elements="
@@ -303,6 +305,7 @@ class DeepSpeedGatherer:
         set (Dynamo's guards on the flags then recompile, and the new compile reads the new
         plan; a program compiled for the old flags keeps its own buckets)."""
         bucket, distance = self.module_settings(options)
+        self.stats.module_settings = (bucket, distance)
         ids = frozenset(id(p) for p in gathered)
         plan = self._plans.get((ids, bucket, distance))
         if plan is None:

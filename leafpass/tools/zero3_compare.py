@@ -179,9 +179,9 @@ class DeepSpeedMissing(RuntimeError):
 def check_deepspeed() -> str:
     """DeepSpeed's version; raise :class:`DeepSpeedMissing` with an install hint if it is missing."""
     try:
-        from ..runtime.deepspeed import check_deepspeed_version
+        from leafpass.runtime import engine_version
 
-        return check_deepspeed_version()
+        return engine_version("deepspeed")
     except ImportError as exc:
         raise DeepSpeedMissing(
             f"DeepSpeed is not installed ({exc}); install it with: pip install 'leafpass[deepspeed]'"
@@ -294,9 +294,10 @@ class _HookTimer:
     def install(self, engine) -> None:
         import torch
 
-        from ..runtime.deepspeed import _offload_for, deepspeed_runtime
+        from leafpass.runtime import runtime_for
 
-        offload = _offload_for(engine.module)
+        # DeepSpeed's own handle on the object whose methods its module hooks call
+        offload = getattr(engine.optimizer, "parameter_offload", None)
         if offload is None:
             raise RuntimeError("hook timing: no DeepSpeed ZeRO-3 hooks found on the engine's module")
         for method, kind in self.KINDS.items():
@@ -312,7 +313,7 @@ class _HookTimer:
 
             setattr(offload, method, torch.compiler.disable(timed))
 
-        runtime = deepspeed_runtime()
+        runtime = runtime_for(list(engine.module.parameters()))  # DeepSpeed's, process-wide
         original_prefetch = runtime.prefetch_all
 
         def timed_prefetch(leaf, params):
@@ -437,10 +438,10 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
 
     limit_hits = _quiet_logs(spec.quiet)
 
-    from ..gather import gather_stats
+    from leafpass import gather_stats
     from .deepspeed_probe import GatheredElementsTracker, count_collectives
-    from ..testing.distributed import zero3_config
-    from ..testing.models import MoEBlock, MoEStack
+    from leafpass.testing.distributed import zero3_config
+    from leafpass.testing.models import MoEBlock, MoEStack
 
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -523,15 +524,12 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
 
     graphs = int(counters["stats"]["unique_graphs"])
     breaks = int(sum(counters["graph_break"].values()))
-    policy = getattr(gather_stats(engine.module), "policy", None) if way_backend == "z3leaf" else None
+    stats = gather_stats(engine.module) if way_backend == "z3leaf" else None
+    policy = getattr(stats, "policy", None)
     gather_settings = None
-    if policy == "module":
-        from ..gather import root_gatherer
-
-        gatherer = root_gatherer(engine.module)
-        if gatherer is not None and hasattr(gatherer, "module_settings"):
-            bucket, distance = gatherer.module_settings(z3leaf_options(way, spec))
-            gather_settings = {"bucket_elements": bucket, "prefetch_distance": distance}
+    if policy == "module" and getattr(stats, "module_settings", None) is not None:
+        bucket, distance = stats.module_settings
+        gather_settings = {"bucket_elements": bucket, "prefetch_distance": distance}
     reasons: dict[str, int] = {}
     for reason, count in counters["graph_break"].items():
         text = str(reason).strip().splitlines()
@@ -689,7 +687,7 @@ def run_way(way: str, spec: CompareSpec, *, keep_going: bool = True) -> dict[str
     if way not in WAYS:
         raise ValueError(f"unknown way {way!r}; choose from {list(WAYS)}")
     check_deepspeed()
-    from ..testing.distributed import DistributedRunError, run_ranks
+    from leafpass.testing.distributed import DistributedRunError, run_ranks
 
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:

@@ -105,7 +105,7 @@ def _train(engine, batch, prefetch: bool, n_steps: int, leaves: tuple[str, ...] 
     import deepspeed
     from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
-    from leafpass.runtime.deepspeed import count_collectives
+    from leafpass.tools.deepspeed_probe import count_collectives
     from leafpass.testing.models import routing_counts
 
     model = engine.module
