@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.fx
 
-from .capture import annotate_input_sources
+from .capture import annotate_input_sources, warn_if_call_replaced
 from .graph_nodes import gather_info_of
 from .lower import lower
 from .module_plan import current_plan
@@ -41,6 +41,7 @@ def resolve_inner(inner: Any, mode: str | None = None) -> Callable:
 
 def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
     checked = check_options(options)
+    warn_if_call_replaced()
     annotate_input_sources(gm)
     plan = current_plan()  # set by a gatherer under gather="module"
     if plan is None:
