@@ -34,11 +34,9 @@ from ..versions import in_range
 __all__ = [
     "SUPPORTED_DEEPSPEED",
     "DeepSpeedRuntime",
-    "attach_deepspeed_comm",
     "check_deepspeed_version",
     "dedupe_params",
     "deepspeed_runtime",
-    "skip_cpu_shm_comm_build",
 ]
 
 # The private DeepSpeed APIs below were read and tested in 0.19.8.
@@ -387,7 +385,11 @@ def start_of_forward(owner) -> None:
 
 def max_live_parameters(owner) -> int:
     """``stage3_max_live_parameters`` as the offload object was built with it
-    (parameter_offload.py: ``self._max_available_parameters_in_numel``)."""
+    (parameter_offload.py: ``self._max_available_parameters_in_numel``).
+
+    DeepSpeed's public ``engine.zero_max_live_parameters()`` needs the engine, which
+    leafpass never holds: it is entered from the model's call, where only the offload
+    object (through the module hooks) is reachable."""
     return int(getattr(owner, "_max_available_parameters_in_numel"))
 
 
@@ -443,102 +445,14 @@ def deepspeed_runtime() -> DeepSpeedRuntime:
     return _runtime
 
 
-# ---------------------------------------------------------------- CPU setup (tests, benchmarks)
-
-_SHM_COMM_OP = "deepspeed_shm_comm"
-
-
-def skip_cpu_shm_comm_build() -> None:
-    """Keep DeepSpeed from JIT-building its CPU shared-memory comm op (75-112 s on 2 cores).
-
-    Relies on deepspeed/comm/torch.py (0.19.x): ``TorchBackend.__init__`` calls
-    ``build_shm_op()``, which loads (JIT-building on first use) the ``ShareMemCommBuilder``
-    op only when ``deepspeed.ops.__compatible_ops__`` marks it compatible; that dict is
-    probed once and cached in deepspeed/ops/__init__.py, so marking the op incompatible
-    before the backend is built makes DeepSpeed fall back to plain torch.distributed
-    collectives (the op only speeds up inference all-reduce; training never needs it).
-    """
-    check_deepspeed_version()
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    name = getattr(builder, "NAME", _SHM_COMM_OP) if builder is not None else _SHM_COMM_OP
-    deepspeed.ops.__compatible_ops__[name] = False
-
-
-def attach_deepspeed_comm() -> None:
-    """Attach ``deepspeed.comm`` to the ``torch.distributed`` group this process already joined.
-
-    Call after ``torch.distributed.init_process_group``; ``deepspeed.initialize`` then finds
-    its communication backend ready and builds nothing. The CPU shared-memory op is skipped
-    (:func:`skip_cpu_shm_comm_build`). Relies on deepspeed/comm/comm.py (0.19.x):
-    ``init_distributed`` wraps an initialised torch.distributed in a ``TorchBackend``.
-    """
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        raise RuntimeError("attach_deepspeed_comm() needs torch.distributed.init_process_group() first")
-    skip_cpu_shm_comm_build()
-    import deepspeed.comm as ds_comm
-
-    if ds_comm.is_initialized():
-        return
-    ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-
-
 # ----------------------------------------------------- what gather="module" needs
-
-
-def shard(param: nn.Parameter) -> tuple[torch.Tensor, object]:
-    """``(this rank's shard, partition process group)`` of a ZeRO-3 ``param``.
-
-    partition_parameters.py (0.19.x), ``Init._partition_param``: the flat parameter is
-    padded to ``partition_size * world`` (``_aligned_size``) and rank ``r`` of
-    ``param.ds_process_group`` keeps elements ``[r * partition_size, (r + 1) *
-    partition_size)`` in ``param.ds_tensor`` (``ds_tensor.ds_numel == partition_size``).
-    So concatenating the ranks' shards in rank order and cutting at ``ds_numel`` gives the
-    parameter. Quantized shards, hpZ secondary shards and NVMe-offloaded shards do not
-    follow that layout in memory; they are refused with the way out.
-    """
-    t = getattr(param, "ds_tensor", None)
-    why = None
-    if t is None:
-        why = "it has no ds_tensor (not partitioned by deepspeed.zero.Init)"
-    elif t.dtype != param.dtype or hasattr(t, "ds_quant_scale"):
-        why = "its shard is stored quantized (zero_quantized_weights / quantized_nontrainable_weights)"
-    elif getattr(param, "ds_secondary_tensor", None) is not None:
-        why = "it has an hpZ secondary shard (zero_hpz_partition_size > 1)"
-    elif _on_nvme(t):
-        why = "its shard lives on NVMe (offload_param to nvme)"
-    elif t.device != param.device:
-        why = f"its shard lives on {t.device} (offload_param) while the parameter is used on {param.device}"
-    elif int(t.numel()) != int(getattr(t, "ds_numel", t.numel())):
-        why = "its shard's size differs from ds_tensor.ds_numel"
-    if why is not None:
-        raise NotImplementedError(
-            f"leafpass: gather='module' cannot gather ZeRO-3 parameter {param.ds_summary() if hasattr(param, 'ds_summary') else ''}: "
-            f"{why}. Use options={{'gather': 'step'}} or {{'gather': 'hooks'}} for this model."
-        )
-    return t, param.ds_process_group
-
-
-def _on_nvme(shard_tensor: torch.Tensor) -> bool:
-    """partition_parameters.py (0.19.x) sets ``ds_tensor.final_location`` to
-    ``OffloadDeviceEnum.nvme`` (a ``str`` enum) for an NVMe-offloaded shard, None otherwise;
-    stage3.py (``_move_to_flat_buffer``) sets it to ``'not-nvme'``
-    for the shards it moves into its own flat buffers (``offload_param`` to cpu, say)."""
-    return getattr(shard_tensor, "final_location", None) == "nvme"
-
-
-def persistent(param: nn.Parameter) -> bool:
-    """DeepSpeed keeps ``param`` gathered at all times (``stage3_param_persistence_threshold``)."""
-    return bool(getattr(param, "ds_persist", False))
 
 
 def prefetch_bucket_size(owner) -> int:
     """``stage3_prefetch_bucket_size`` as the coordinator was built with it
-    (partitioned_param_coordinator.py: ``self.__prefetch_bucket_sz``)."""
+    (partitioned_param_coordinator.py: ``self.__prefetch_bucket_sz``). Not
+    ``engine.zero_prefetch_bucket_size()``: leafpass holds no engine (see
+    :func:`max_live_parameters`)."""
     return int(_coordinator_private(owner.get_param_coordinator(), "prefetch_bucket_sz"))
 
 

@@ -80,6 +80,7 @@ from . import deepspeed as ds
 from . import leaf_environment
 from ..module_plan import ModulePlan, set_plan
 from .deepspeed_module import ShardPlan, StandIns
+from .deepspeed_shards import persistent
 
 __all__ = ["DeepSpeedGatherer", "StepStats"]
 
@@ -290,10 +291,10 @@ class DeepSpeedGatherer:
         # ... but persistent parameters whole, the leaves' too, as DeepSpeed keeps them once
         # it has gathered them (before their first use they are partitioned: the first call
         # would see other shapes than the next ones, and the graph uses them as they are)
-        persistent = ds.not_available([p for p in params if ds.persistent(p)])
+        persistent = ds.not_available([p for p in params if persistent(p)])
         ds.gather_and_wait(self._owner, persistent, what="the persistent parameters")
         # ... and the parameters the graph gathers itself hold stand-ins
-        gathered = [p for p in params if id(p) in outside and not ds.persistent(p)]
+        gathered = [p for p in params if id(p) in outside and not persistent(p)]
         self._stand_ins.put_in(gathered)
         self.stats.gathered_elements = 0
         self._pending = ("module", None)
@@ -487,14 +488,12 @@ def _reinsert(hooks: dict, order: list, taken: dict) -> None:
 
 
 def _release_after_backward(tensors: list[torch.Tensor], release: Callable[[], None]) -> None:
-    """Call ``release()`` when the first backward through any of ``tensors`` has finished."""
-
-    def on_grad(grad):
-        internals.queue_end_of_backward_callback(release)
-        return grad
-
-    for t in tensors:
-        t.register_hook(on_grad)
+    """Call ``release()`` when the first backward through any of ``tensors`` has finished:
+    torch's multi-grad hook ("any": once per backward, at the first of their gradients)
+    queues it to run once that backward is over."""
+    torch.autograd.graph.register_multi_grad_hook(
+        tensors, lambda grad: internals.queue_end_of_backward_callback(release), mode="any"
+    )
 
 
 # The gatherer's call runs where Dynamo's callback may be active; Dynamo must not try to

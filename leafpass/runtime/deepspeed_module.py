@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..module_plan import ModulePlan
-from . import deepspeed as ds
+from .deepspeed_shards import shard
 
 __all__ = ["ShardBucket", "ShardPlan", "StandIns"]
 
@@ -35,7 +35,7 @@ class ShardBucket:
     """Parameters of one dtype and partition group, gathered by one collective."""
 
     def __init__(self, params: list[nn.Parameter], names: list[str], counter) -> None:
-        shards = [ds.shard(p) for p in params]
+        shards = [shard(p) for p in params]
         groups = {id(g) for _, g in shards}
         dtypes = {p.dtype for p in params}
         if len(groups) != 1 or len(dtypes) != 1:
@@ -62,7 +62,7 @@ class ShardBucket:
 
     @torch.no_grad()
     def start(self):
-        # the shards' layout was checked (ds.shard) when the bucket was made
+        # the shards' layout was checked (deepspeed_shards.shard) when the bucket was made
         shards = [p.ds_tensor for p in self.params()]
         send = torch.cat([s.reshape(-1) for s in shards]) if len(shards) > 1 else shards[0].reshape(-1)
         buffer = torch.empty(self.buffer_numel, dtype=self.dtype, device=send.device)

@@ -114,7 +114,7 @@ WAY_OPTIONS: dict[str, dict[str, Any]] = {
 # the goal of gather="module": a step at most this fraction of eager ZeRO-3's under strict
 # limits, at no higher peak gathered elements
 MODULE_GOAL_VS_EAGER_STRICT = 0.8
-INNER_CHOICES = ("inductor", "aot_eager", "eager")
+from leafpass import INNER_COMPILERS as INNER_CHOICES  # noqa: E402  (one list: the backend's)
 LOSS_TOLERANCE = 1e-5  # max |loss - eager loss| over every step of every rank
 
 # ZeRO-3 limits (zero3_config keyword arguments). "strict": gather each module when it is
