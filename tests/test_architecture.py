@@ -172,3 +172,4 @@ class ArchitectureTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
