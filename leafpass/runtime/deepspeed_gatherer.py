@@ -291,8 +291,8 @@ class DeepSpeedGatherer:
         # ... but persistent parameters whole, the leaves' too, as DeepSpeed keeps them once
         # it has gathered them (before their first use they are partitioned: the first call
         # would see other shapes than the next ones, and the graph uses them as they are)
-        persistent = ds.not_available([p for p in params if persistent(p)])
-        ds.gather_and_wait(self._owner, persistent, what="the persistent parameters")
+        kept_whole = ds.not_available([p for p in params if persistent(p)])
+        ds.gather_and_wait(self._owner, kept_whole, what="the persistent parameters")
         # ... and the parameters the graph gathers itself hold stand-ins
         gathered = [p for p in params if id(p) in outside and not persistent(p)]
         self._stand_ins.put_in(gathered)
