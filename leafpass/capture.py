@@ -38,6 +38,7 @@ from .dynamo_internals import assume_constant_result, leaf_function
 from . import shape_inference
 from .flags import z3_leaf_module
 from .gather import root_gatherer
+from .wrapped import wrapped_functions
 
 __all__ = ["install", "installed", "run_leaf", "is_leafpass_backend"]
 
@@ -255,26 +256,8 @@ def call_replacement():
     return current
 
 
-def _reaches_wrapper(fn, depth: int = 4) -> bool:
-    frontier, seen = [fn], set()
-    for _ in range(depth + 1):
-        found = []
-        for f in frontier:
-            if f is _leafpass_module_call:
-                return True
-            if id(f) in seen:
-                continue
-            seen.add(id(f))
-            found.extend(x for x in (getattr(f, "__wrapped__", None), getattr(f, "__func__", None)) if x is not None)
-            for cell in getattr(f, "__closure__", None) or ():
-                try:
-                    content = cell.cell_contents
-                except ValueError:  # an empty cell
-                    continue
-                if callable(content):
-                    found.append(content)
-        frontier = found
-    return False
+def _reaches_wrapper(fn) -> bool:
+    return any(f is _leafpass_module_call for f in wrapped_functions(fn, depth=4))
 
 
 _warned_replacements: set[int] = set()

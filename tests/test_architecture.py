@@ -20,7 +20,7 @@ PACKAGE = ROOT / "leafpass"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", (
         "leafpass.versions", "leafpass.dynamo_internals", "leafpass.options", "leafpass.leaf_call",
-        "leafpass.graph_nodes", "leafpass.module_plan", "leafpass.record",
+        "leafpass.graph_nodes", "leafpass.module_plan", "leafpass.record", "leafpass.wrapped",
     )),
     ("runtime interface", (
         "leafpass.runtime", "leafpass.runtime.null", "leafpass.names", "leafpass.ops",

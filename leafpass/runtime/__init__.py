@@ -45,7 +45,6 @@ __all__ = [
     "engine_of",
     "engine_version",
     "leaf_environments_active",
-    "owned_by_engine",
     "in_leaf_environment",
     "leaf_environment",
     "PrefetchRuntime",
@@ -132,8 +131,17 @@ class Engine:
     version: str | None = None
 
     def load(self, what: str) -> Callable:
-        module, _, function = getattr(self, what).partition(":")
-        return getattr(importlib.import_module(module), function)
+        """The function named by ``what`` (``"runtime"``, ``"gatherer"``, ``"version"``),
+        imported on first use and kept."""
+        key = (self.name, what)
+        found = _loaded.get(key)
+        if found is None:
+            module, _, function = getattr(self, what).partition(":")
+            found = _loaded[key] = getattr(importlib.import_module(module), function)
+        return found
+
+
+_loaded: dict[tuple[str, str], Callable] = {}
 
 
 ENGINES: list[Engine] = [
@@ -153,11 +161,6 @@ def engine_version(name: str) -> str:
         if engine.name == name and engine.version is not None:
             return str(engine.load("version")())
     raise ValueError(f"leafpass knows no engine {name!r}; known: {[e.name for e in ENGINES]}")
-
-
-def owned_by_engine(obj) -> bool:
-    """True when an engine partitions ``obj`` (a parameter) or registered it (a module)."""
-    return engine_of(obj) is not None
 
 
 def engine_of(obj) -> Engine | None:

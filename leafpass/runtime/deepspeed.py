@@ -30,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..flags import z3_leaf_module  # DeepSpeed reads the same flag: module._z3_leaf
 from ..versions import in_range
+from ..wrapped import wrapped_functions
 
 __all__ = [
     "SUPPORTED_DEEPSPEED",
@@ -90,29 +91,8 @@ def _offload_for(leaf: nn.Module):
 
 def _find_function(obj, name: str, depth: int = 3):
     """``obj`` or a function it wraps (``__wrapped__`` or a closure cell) whose code is ``name``."""
-    seen: set[int] = set()
-    frontier = [obj]
-    for _ in range(depth + 1):
-        nxt = []
-        for fn in frontier:
-            if id(fn) in seen:
-                continue
-            seen.add(id(fn))
-            code = getattr(fn, "__code__", None)
-            if code is not None and code.co_name == name:
-                return fn
-            wrapped = getattr(fn, "__wrapped__", None)
-            if wrapped is not None:
-                nxt.append(wrapped)
-            for cell in getattr(fn, "__closure__", None) or ():
-                try:
-                    content = cell.cell_contents
-                except ValueError:  # empty cell
-                    continue
-                if callable(content):
-                    nxt.append(content)
-        frontier = nxt
-    return None
+    return next((f for f in wrapped_functions(obj, depth)
+                 if getattr(getattr(f, "__code__", None), "co_name", None) == name), None)
 
 
 def _coordinator_private(coordinator, name: str):
