@@ -39,6 +39,7 @@ from .record import GraphRecorder, record_graphs
 from .runtime import NullRuntime, PrefetchRuntime, use_runtime
 from .schedule_check import LeafScheduleMismatch, leaf_schedule
 from .shape_inference import LeafShapeError
+from .leaf_arguments import LeafArgumentError
 
 _capture.install()
 _register_from_environment()  # LEAFPASS_BACKENDS, if set
@@ -51,6 +52,7 @@ __all__ = [
     "GATHER_POLICIES",
     "GraphRecorder",
     "INNER_COMPILERS",
+    "LeafArgumentError",
     "LeafScheduleMismatch",
     "LeafShapeError",
     "NullRuntime",

@@ -38,6 +38,7 @@ from .dynamo_internals import assume_constant_result, leaf_function
 from . import shape_inference
 from .flags import z3_leaf_module
 from .gather import root_gatherer
+from .leaf_arguments import apply_states, call_with_objects, states_of_objects
 from .wrapped import wrapped_functions
 
 __all__ = ["install", "installed", "run_leaf", "is_leafpass_backend"]
@@ -63,7 +64,7 @@ def _leafpass_module_call(self: nn.Module, *args, **kwargs):
         # getattr, not flags.z3_leaf_module: Dynamo guards this read as the user wrote it
         # (``L['self'].moe._z3_leaf == True``), the guard that recompiles on a flag change
         if _tracing_for_leafpass() and getattr(self, "_z3_leaf", False):
-            return run_leaf(self, args, kwargs)
+            return _call_leaf(self, args, kwargs)
         return _original_call(self, *args, **kwargs)
     # Only builtins and Dynamo-disabled functions are called from here on before the
     # module's own call: this frame may run inside a z3leaf compile region (before the
@@ -207,10 +208,22 @@ def _tracing_for_leafpass() -> bool:
     return is_leafpass_backend(internals.tracing_compiler_fn())
 
 
+def _call_leaf(module: nn.Module, args: tuple, kwargs: dict):
+    """Traced by Dynamo: objects among the arguments (a ``DynamicCache``, a dataclass) go
+    through the opaque call by state, and their new state is written back after it
+    (see ``leafpass.leaf_arguments``)."""
+    args, kwargs, objects = states_of_objects(type(module).__name__, args, kwargs)
+    if not objects:
+        return run_leaf(module, args, kwargs)
+    out, states = run_leaf(module, args, kwargs)
+    apply_states(objects, states)
+    return out
+
+
 @leaf_function
 def run_leaf(module: nn.Module, args: tuple, kwargs: dict):
     """The leaf's call as Dynamo records it: one opaque node (rewritten by the passes)."""
-    return _original_call(module, *args, **kwargs)
+    return call_with_objects(lambda *a, **k: _original_call(module, *a, **k), type(module).__name__, args, kwargs)
 
 
 @run_leaf.register_fake

@@ -11,7 +11,8 @@ the stage that wrote them, so no stage imports a later one::
     t1 = layer_norm(...)  # checkpoint 0   checkpoint_region_of      (inline_checkpoint)
 
 and :func:`leaf_partitions`, the pieces ``lower`` compiles (stretches of ordinary ops)
-and runs eagerly (a leaf with its prefetch and the nodes unpacking its output).
+and runs eagerly (a leaf with its prefetch, the nodes building its object arguments
+(``ARGUMENT_META``) and the nodes unpacking its output).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import operator
 import torch
 import torch.fx
 
+from .leaf_arguments import BuildArgument
 from .leaf_call import leaf_call_of
 
 __all__ = [
+    "ARGUMENT_META",
     "CHECKPOINT_META",
     "CheckpointRegion",
     "GATHER_META",
@@ -40,6 +43,9 @@ __all__ = [
 
 GATHER_META = "leafpass_gather"
 CHECKPOINT_META = "leafpass_checkpoint"
+# a node that builds a leaf's object argument before its call or reads it back after
+# (``passes.leaf_call_module``): it belongs to the leaf's piece
+ARGUMENT_META = "leafpass_leaf_argument"
 
 
 def is_leaf_call_node(node: torch.fx.Node) -> bool:
@@ -107,8 +113,9 @@ def leaf_partitions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
     """Partition id of every node, in graph order.
 
     A leaf piece holds a leaf's ``prefetch_all``, its ``call_module`` and the
-    ``getitem``/``getattr`` nodes unpacking its output; every other stretch of
-    nodes is one compiled piece.
+    ``getitem``/``getattr`` nodes unpacking its output, and the nodes that build its
+    object arguments before it and read them back after it (``ARGUMENT_META``);
+    every other stretch of nodes is one compiled piece.
     """
     part: dict[torch.fx.Node, int] = {}
     current, current_is_leaf = 0, False
@@ -117,19 +124,27 @@ def leaf_partitions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        if is_prefetch_node(node):
-            current, current_is_leaf = current + 1, True
+        if _builds_argument(node):
+            if not (previous is not None and _builds_argument(previous)):
+                current, current_is_leaf = current + 1, True
+        elif is_prefetch_node(node):
+            if not (previous is not None and _builds_argument(previous)):
+                current, current_is_leaf = current + 1, True
         elif is_leaf_call_node(node):
-            if not (previous is not None and is_prefetch_node(previous)):
+            if not (previous is not None and (is_prefetch_node(previous) or _builds_argument(previous))):
                 current, current_is_leaf = current + 1, True
             leaf_values.add(node)
-        elif current_is_leaf and _unpacks(node, leaf_values):
+        elif current_is_leaf and (_unpacks(node, leaf_values) or ARGUMENT_META in node.meta):
             leaf_values.add(node)
         elif current_is_leaf:
             current, current_is_leaf = current + 1, False
         part[node] = current
         previous = node
     return part
+
+
+def _builds_argument(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and isinstance(node.target, BuildArgument)
 
 
 def _unpacks(node: torch.fx.Node, values: set[torch.fx.Node]) -> bool:

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .graph_nodes import CheckpointRegion, checkpoint_region_of, is_leaf_call_node, is_prefetch_node, leaf_partitions
 from .runtime import in_leaf_environment, leaf_environments_active
+from .runtime.leaf_inputs import leaf_input_for_deepspeed_backward_hook
 from .shape_inference import LeafShapeError
 from .dynamo_internals import compiling_frame, is_first_compile_of_frame
 from .schedule_check import check_same_schedule, leaf_schedule
@@ -139,8 +140,11 @@ class _LeafPiece(torch.nn.Module):
         self.expected = expected
         self.region = region
         self.leaves = [n.target for n in piece.graph.nodes if n.op == "call_module"]
+        self.leaf_modules = [piece.get_submodule(name) for name in self.leaves]
 
     def forward(self, *args):
+        # everything before the leaf frozen: see runtime.leaf_inputs
+        args = leaf_input_for_deepspeed_backward_hook(self.leaf_modules, args)
         if self.region is not None and torch.is_grad_enabled():
             # from a checkpoint region: keep nothing for backward but the inputs, and run
             # prefetch_all + the leaf again there (non-reentrant, as Dynamo traces every

@@ -21,9 +21,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", (
         "leafpass.versions", "leafpass.dynamo_internals", "leafpass.options", "leafpass.leaf_call",
         "leafpass.graph_nodes", "leafpass.module_plan", "leafpass.record", "leafpass.wrapped",
+        "leafpass.leaf_arguments",
     )),
     ("runtime interface", (
-        "leafpass.runtime", "leafpass.runtime.null", "leafpass.names", "leafpass.ops",
+        "leafpass.runtime", "leafpass.runtime.null", "leafpass.runtime.leaf_inputs", "leafpass.names", "leafpass.ops",
         "leafpass.gather_ops", "leafpass.gather",
     )),
     ("flags", ("leafpass.flags",)),
@@ -38,6 +39,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("public API", ("leafpass", "leafpass.integrations", "leafpass.testing")),
     ("tools", ("leafpass.tools", "leafpass.__main__")),
 ]
+
+# Imports that are entry points, not dependencies: after_import.py is also run by path from
+# leafpass-startup.pth at interpreter start, and its hook's one job is `import leafpass`.
+ENTRY_POINT_IMPORTS = {("leafpass.integrations.after_import", "leafpass")}
 
 # what a tool may import from leafpass: the public API (and other tools)
 PUBLIC = ("leafpass", "leafpass.testing", "leafpass.runtime", "leafpass.tools")
@@ -79,7 +84,10 @@ def imports_of(path: pathlib.Path) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+    graph = {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+    for module, entry in ENTRY_POINT_IMPORTS:
+        graph[module].discard(entry)
+    return graph
 
 
 def layer_of(module: str) -> int:
