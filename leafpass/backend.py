@@ -12,51 +12,16 @@ from typing import Any
 
 import torch.fx
 
-from .capture import annotate_input_sources
-from .gather import GATHER_POLICIES, check_gather
+from .capture import annotate_input_sources, warn_if_call_replaced
+from .graph_nodes import gather_info_of
 from .lower import lower
+from .module_plan import current_plan
+from .options import INNER_COMPILERS, OPTIONS, check_options
 from .passes import MODULE_GATHER_PIPELINE, run_passes
 from .passes.check_stand_ins import check_stand_ins
-from .passes.insert_gathers import GATHER_META
 from .record import notify_graph
 
 __all__ = ["OPTIONS", "INNER_COMPILERS", "make_backend", "z3leaf_backend", "resolve_inner"]
-
-INNER_COMPILERS = ("inductor", "aot_eager", "eager")
-OPTIONS: Mapping[str, str] = {
-    "inner": f"compiler for the non-leaf pieces: one of {INNER_COMPILERS} or a backend callable",
-    "gather": f"who gathers non-leaf parameters of a partitioned model: one of {list(GATHER_POLICIES)}",
-    "bucket_elements": "gather='module': merge adjacent gathers up to this many elements "
-                       "(default: the engine's prefetch bucket, DeepSpeed stage3_prefetch_bucket_size)",
-    "prefetch_distance": "gather='module': start each gather this many buckets early "
-                         "(default: 1, or 0 when the engine's prefetch bucket is 0)",
-}
-
-
-def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(options, Mapping):
-        raise TypeError(
-            f"z3leaf options must be a dict such as {{'inner': 'inductor'}}, got {type(options).__name__}"
-        )
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        valid = ", ".join(f"{k!r} ({v})" for k, v in OPTIONS.items())
-        raise ValueError(f"unknown z3leaf option(s) {unknown}; valid options: {valid}")
-    checked = {"inner": "inductor", "gather": "auto", "bucket_elements": None, "prefetch_distance": None, **options}
-    check_gather(checked["gather"])
-    for key in ("bucket_elements", "prefetch_distance"):
-        value = checked[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"z3leaf option {key!r} must be an int >= 0 (or None for the engine's default); "
-                             f"got {value!r}")
-    inner = checked["inner"]
-    if not callable(inner) and inner not in INNER_COMPILERS:
-        raise ValueError(
-            f"z3leaf option 'inner' must be one of {list(INNER_COMPILERS)} or a backend callable "
-            f"(gm, example_inputs) -> callable; got {inner!r}"
-        )
-    return checked
-
 
 def resolve_inner(inner: Any, mode: str | None = None) -> Callable:
     """The compiler that compiles non-leaf pieces, from the ``inner`` option."""
@@ -75,9 +40,10 @@ def resolve_inner(inner: Any, mode: str | None = None) -> Callable:
 
 
 def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
-    checked = _check_options(options)
+    checked = check_options(options)
+    warn_if_call_replaced()
     annotate_input_sources(gm)
-    plan = current_gather_plan()
+    plan = current_plan()  # set by a gatherer under gather="module"
     if plan is None:
         gm = run_passes(gm)
         inner = resolve_inner(checked["inner"], mode)
@@ -88,15 +54,8 @@ def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any
     notify_graph(gm)
     program = lower(gm, list(example_inputs), inner)
     if plan is not None:  # the gather ops find their buckets while the program holds them
-        program.gather_buckets = [info.bucket for node in gm.graph.nodes if (info := node.meta.get(GATHER_META))]
+        program.gather_buckets = [info.bucket for node in gm.graph.nodes if (info := gather_info_of(node))]
     return program
-
-
-def current_gather_plan():
-    """The ``gather="module"`` plan of the call being compiled, if any."""
-    from .runtime.deepspeed_module import current_plan
-
-    return current_plan()
 
 
 def _recomputing(inner: Any, mode: str | None) -> Callable:
@@ -125,7 +84,7 @@ def _recomputing(inner: Any, mode: str | None) -> Callable:
 
 def make_backend(**options: Any) -> Callable:
     """A z3leaf backend with ``options`` bound: ``torch.compile(m, backend=make_backend(inner="aot_eager"))``."""
-    _check_options(options)
+    check_options(options)
 
     def backend(gm, example_inputs, **kwargs):
         extra = kwargs.pop("options", None) or {}

@@ -25,6 +25,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+# not torch.func.functional_call: it calls module(...), so hooks (DeepSpeed's gathers)
+# would run on the fake call; the leaf's forward alone runs under the whole parameters
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .dynamo_internals import graph_inputs_by_fake

@@ -38,6 +38,7 @@ import torch.utils._pytree as pytree
 from ..dynamo_internals import invoke_leaf_function_op, leaf_callable_parts, leaf_module_state_type, module_by_index
 from ..leaf_arguments import BuildArgument, ReadObjectStates, has_object_state, is_object_state
 from ..leaf_call import META_KEY, LeafCall, qualname_from_source
+from ..graph_nodes import ARGUMENT_META  # its home: the graph vocabulary (lowering reads it)
 from ..names import qualname_of
 
 __all__ = ["leaf_call_module_pass", "is_leafpass_leaf_node", "leaf_module_of"]
@@ -103,11 +104,6 @@ def _emit_unflatten(graph: torch.fx.Graph, root: torch.fx.Node, spec) -> list[to
             cache[prefix] = graph.call_function(operator.getitem, (parent, key))
         flat.append(cache[tuple(path)])
     return flat
-
-
-#: ``meta`` key of the nodes that build a leaf's arguments and read them back after its
-#: call: they run in the leaf's piece, beside its ``call_module``
-ARGUMENT_META = "leafpass_leaf_argument"
 
 
 class _BuiltArguments:
@@ -190,7 +186,7 @@ def leaf_module_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.nn.Mo
 
 def leaf_call_module_pass(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite every leafpass ``invoke_leaf_function`` node into ``call_module``."""
-    from .inline_checkpoint import CHECKPOINT_META
+    from ..graph_nodes import CHECKPOINT_META
 
     graph = gm.graph
     calls_per_leaf: dict[str, int] = {}

@@ -17,7 +17,7 @@ port per run. Before ``body`` runs, the rank joins a gloo process group
 (``init_process_group(timeout=pg_timeout)``, so a collective whose peer is gone fails
 instead of blocking forever) and, with ``deepspeed=True``, DeepSpeed's communication layer
 is attached to that group without JIT-building DeepSpeed's CPU shared-memory op (see
-:func:`leafpass.runtime.deepspeed.attach_deepspeed_comm`). Training code must also not
+:func:`leafpass.testing.deepspeed_cpu.attach_deepspeed_comm`). Training code must also not
 name ``Adam``/``AdamW`` as the config optimizer (that JIT-builds a CPU FusedAdam): pass a
 ``torch.optim`` optimizer to ``deepspeed.initialize`` instead; :func:`zero3_config` never
 names one.
@@ -199,7 +199,7 @@ def _rank_main(
             "gloo", init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
         )
         if attach_deepspeed:
-            from leafpass.runtime.deepspeed import attach_deepspeed_comm
+            from leafpass.testing.deepspeed_cpu import attach_deepspeed_comm
 
             attach_deepspeed_comm()
         value = fn(rank, world_size, *args, **kwargs)

@@ -22,7 +22,8 @@ def _body(rank: int, world_size: int) -> dict:
     from deepspeed.utils import set_z3_leaf_modules
 
     from leafpass.runtime import deepspeed as ds
-    from leafpass.runtime.deepspeed_probe import GatheredElementsTracker, count_collectives
+    from leafpass.runtime import deepspeed_shards
+    from leafpass.tools.deepspeed_probe import GatheredElementsTracker, count_collectives
     from leafpass.testing.models import MoEBlock, TwoMoE
 
     torch.manual_seed(0)
@@ -68,8 +69,8 @@ def _body(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
     out["prefetch_bucket"] = ds.prefetch_bucket_size(owner)
-    out["persistent"] = [ds.persistent(p) for p in params]
-    shards = [ds.shard(p) for p in params]
+    out["persistent"] = [deepspeed_shards.persistent(p) for p in params]
+    shards = [deepspeed_shards.shard(p) for p in params]
     out["shard_group_is_param_group"] = all(g is p.ds_process_group for p, (_, g) in zip(params, shards))
     whole_by_shards = []
     for p, (t, g) in zip(params, shards):
