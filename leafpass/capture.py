@@ -46,7 +46,7 @@ _local = threading.local()
 def _leafpass_module_call(self: nn.Module, *args, **kwargs):
     if torch.compiler.is_compiling():
         if _tracing_for_leafpass() and getattr(self, "_z3_leaf", False):
-            return run_leaf(self, args, kwargs)
+            return internals.structured_leaf_outputs(run_leaf(self, args, kwargs))
         return _original_call(self, *args, **kwargs)
     # Only builtins and Dynamo-disabled functions are called from here on before the
     # module's own call: this frame may run inside a z3leaf compile region (before the
@@ -201,15 +201,20 @@ def _tracing_for_leafpass() -> bool:
 
 @leaf_function
 def run_leaf(module: nn.Module, args: tuple, kwargs: dict):
-    """The leaf's call as Dynamo records it: one opaque node (rewritten by the passes)."""
-    return _original_call(module, *args, **kwargs)
+    """The leaf's call as Dynamo records it: one opaque node (rewritten by the passes).
+
+    What it returns is flattened for torch 2.11's ``leaf_function`` (see
+    :func:`leafpass.dynamo_internals.flat_leaf_outputs`)."""
+    return internals.flat_leaf_outputs(_original_call(module, *args, **kwargs), fake_run=False)
 
 
 @run_leaf.register_fake
 def _run_leaf_fake(module: nn.Module, args: tuple, kwargs: dict):
     _local.inferring_shapes = True
     try:
-        return shape_inference.infer_leaf_outputs(module, args, kwargs)
+        with internals.compiling_flag_held():
+            out = shape_inference.infer_leaf_outputs(module, args, kwargs)
+        return internals.flat_leaf_outputs(out, fake_run=True)
     finally:
         _local.inferring_shapes = False
 
