@@ -18,6 +18,7 @@ from .lower import lower
 from .passes import MODULE_GATHER_PIPELINE, run_passes
 from .passes.check_stand_ins import check_stand_ins
 from .passes.insert_gathers import GATHER_META
+from .ops import holds_host_state_op
 from .record import notify_graph
 
 __all__ = ["OPTIONS", "INNER_COMPILERS", "make_backend", "z3leaf_backend", "resolve_inner"]
@@ -67,11 +68,33 @@ def resolve_inner(inner: Any, mode: str | None = None) -> Callable:
 
         if mode and mode != "default":
             patches = torch._inductor.list_mode_options(mode)
-            return lambda gm, ex: compile_fx(gm, ex, config_patches=patches)
+            return lambda gm, ex: compile_fx(gm, ex, config_patches=_piece_patches(gm, patches))
         return compile_fx
     from torch._dynamo.backends.registry import lookup_backend
 
     return lookup_backend(inner)
+
+
+def _piece_patches(gm: torch.fx.GraphModule, patches: dict[str, Any]) -> dict[str, Any]:
+    """Inductor's settings for one compiled piece: CUDA graphs (``mode="reduce-overhead"``)
+    off for a piece that calls a leafpass op, whose host-side work a replay would skip."""
+    if not patches.get("triton.cudagraphs") or not holds_host_state_op(gm):
+        return patches
+    if not _warned_cudagraphs:
+        import warnings
+
+        _warned_cudagraphs.append(True)
+        warnings.warn(
+            "leafpass: mode='reduce-overhead' compiles the pieces that gather parameters "
+            "(prefetch_start, gather_start/gather_wait) without CUDA graphs: a replay would skip "
+            "their host-side work. The other pieces keep CUDA graphs; gather='step' keeps gathers "
+            "out of the graph altogether.",
+            stacklevel=2,
+        )
+    return {**patches, "triton.cudagraphs": False}
+
+
+_warned_cudagraphs: list[bool] = []
 
 
 def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
