@@ -46,6 +46,7 @@ _local = threading.local()
 def _leafpass_module_call(self: nn.Module, *args, **kwargs):
     if torch.compiler.is_compiling():
         if _tracing_for_leafpass() and getattr(self, "_z3_leaf", False):
+            internals.hold_compiling_flag_for_leaf_call()
             return internals.structured_leaf_outputs(run_leaf(self, args, kwargs))
         return _original_call(self, *args, **kwargs)
     # Only builtins and Dynamo-disabled functions are called from here on before the

@@ -17,7 +17,7 @@ what a ``leaf_function`` may return         a flat tuple of        any pytree (D
                                             tensors (or None)      flattens it)
 ``invoke_leaf_function`` node arguments     ``(real_fn_spec,       ``(real_fn, fake_fn,
                                             fake_fn_spec, *flat)`` input_spec, '', *flat)``
-``is_compiling()`` during a leaf's fake run False                  True (held by Dynamo)
+``is_compiling()`` in a leaf's fake call     held by leafpass       held by Dynamo
 ==========================================  =====================  ======================
 
 :data:`LEAF_OUTPUTS_FLAT` tells the two leaf-function APIs apart by what the module
@@ -70,6 +70,7 @@ __all__ = [
     "compiling_flag_held",
     "graph_input_sources",
     "graph_inputs_by_fake",
+    "hold_compiling_flag_for_leaf_call",
     "invoke_leaf_function_op",
     "is_first_compile_of_frame",
     "leaf_function",
@@ -358,10 +359,56 @@ def structured_leaf_outputs(flat):
     return _rebuild(_take_leaf_output_shape(), flat)
 
 
+class _HeldFlag(threading.local):
+    held: bool = False
+
+
+_leaf_call_flag = _HeldFlag()
+
+
+@assume_constant_result
+def hold_compiling_flag_for_leaf_call() -> bool:
+    """Traced right before a leaf call: hold ``torch.compiler.is_compiling()`` True until the
+    traced code after it (:func:`structured_leaf_outputs`) lets go, or the compile ends.
+
+    torch 2.13+ holds it for the whole compile: nothing to do. torch 2.11 does not, and
+    Dynamo's fake call of the leaf swaps the leaf's parameters (``_reparametrize_module``)
+    before leafpass's fake implementation runs, reading each through DeepSpeed's
+    ``ZeROOrderedDict.__getitem__``, which all-gathers unless the flag is set. Between the
+    two points Dynamo creates no graph input but the leaf's parameters and buffers (static
+    sizes), so 2.11's reading of the flag in ``create_graph_input`` ("non-strict export":
+    no symbols lifted) changes nothing there. A compile that fails in between lets go
+    through Dynamo's end-of-compile callback."""
+    import torch.compiler as compiler
+
+    if compiler.is_compiling():
+        return True
+    compiler._is_compiling_flag = True
+    _leaf_call_flag.held = True
+    from torch._dynamo.callback import callback_handler, on_compile_end
+
+    if _release_at_compile_end not in callback_handler.end_callbacks:  # torch._dynamo.reset() clears them
+        on_compile_end(_release_at_compile_end)
+    return True
+
+
+def _release_compiling_flag() -> None:
+    if _leaf_call_flag.held:
+        import torch.compiler as compiler
+
+        compiler._is_compiling_flag = False
+        _leaf_call_flag.held = False
+
+
+def _release_at_compile_end(_args=None) -> None:
+    _release_compiling_flag()
+
+
 @assume_constant_result
 def _take_leaf_output_shape() -> tuple:
     # Runs at trace time (Dynamo folds the result into a constant): the invoke node of
     # the leaf call just traced is the last one in the graph being built.
+    _release_compiling_flag()
     layout, _pending.layout = _pending.layout, None
     if layout is None:
         raise AssertionError("leafpass: no output layout was recorded by the leaf's fake run")

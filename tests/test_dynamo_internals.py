@@ -324,3 +324,46 @@ def test_next_checkpoint_graph_id_shares_the_checkpoint_ops_counter():
     torch.compile(fn, backend="aot_eager", fullgraph=True)(torch.randn(2, 3, requires_grad=True))
     # tracing the tag_activation_checkpoint op took an id from the same counter
     assert internals.next_checkpoint_graph_id() > first + 2
+
+
+class _RecordingParameters(dict):
+    """A module's ``_parameters`` that records ``is_compiling()`` on every read, as DeepSpeed's
+    ``ZeROOrderedDict.__getitem__`` reads it (it all-gathers when False)."""
+
+    seen: list
+
+    def __getitem__(self, key):
+        if internals.compiling_frame() is not None:  # read while Dynamo traces, not when the program runs
+            type(self).seen.append(torch.compiler.is_compiling())
+        return super().__getitem__(key)
+
+
+def _recording_leaf_model():
+    model = TwoMoE(8)
+    leafpass.set_z3_leaf_modules(model, [MoEBlock])
+    _RecordingParameters.seen = []
+    router = model.moe1.router
+    router._parameters = _RecordingParameters(router._parameters)
+    return model
+
+
+def test_is_compiling_holds_through_dynamo_s_fake_call_of_a_leaf_and_is_let_go():
+    model = _recording_leaf_model()
+    torch.compile(model, backend="z3leaf", fullgraph=True, options={"inner": "eager"})(torch.randn(4, 8))
+    compile_reads = list(_RecordingParameters.seen)
+    assert compile_reads and all(compile_reads), compile_reads  # every read while compiling saw True
+    assert not torch.compiler.is_compiling()
+    assert not internals._leaf_call_flag.held
+
+
+def test_is_compiling_is_let_go_when_the_compile_fails_inside_a_leaf_call():
+    model = _recording_leaf_model()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no outputs today")
+
+    model.moe1.forward = broken
+    with pytest.raises(Exception, match="no outputs today"):
+        torch.compile(model, backend="z3leaf", fullgraph=True, options={"inner": "eager"})(torch.randn(4, 8))
+    assert not torch.compiler.is_compiling()
+    assert not internals._leaf_call_flag.held
