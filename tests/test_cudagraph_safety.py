@@ -29,7 +29,7 @@ def _graph(with_op: bool) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     if with_op:
-        graph.call_function(torch.ops.leafpass.prefetch_start.default, ([x], "moe1", 1))
+        graph.call_function(torch.ops.leafpass.prefetch_start.default, ("moe1", 1))
     graph.output(graph.call_function(torch.sin, (x,)))
     return torch.fx.GraphModule(torch.nn.Module(), graph)
 
