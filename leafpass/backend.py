@@ -13,6 +13,7 @@ from typing import Any
 import torch.fx
 
 from .capture import annotate_input_sources
+from .dynamo_internals import hold_compiling_flag_until_compile_end
 from .gather import GATHER_POLICIES, check_gather
 from .lower import lower
 from .passes import MODULE_GATHER_PIPELINE, run_passes
@@ -98,6 +99,13 @@ _warned_cudagraphs: list[bool] = []
 
 
 def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
+    # the passes, the lowering and Dynamo's guards built after them read the model as a
+    # compile does (torch 2.11 does not hold is_compiling() there: see dynamo_internals)
+    hold_compiling_flag_until_compile_end()
+    return _compile_held(gm, example_inputs, options, mode)
+
+
+def _compile_held(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
     checked = _check_options(options)
     annotate_input_sources(gm)
     plan = current_gather_plan()

@@ -17,7 +17,8 @@ what a ``leaf_function`` may return         a flat tuple of        any pytree (D
                                             tensors (or None)      flattens it)
 ``invoke_leaf_function`` node arguments     ``(real_fn_spec,       ``(real_fn, fake_fn,
                                             fake_fn_spec, *flat)`` input_spec, '', *flat)``
-``is_compiling()`` in a leaf's fake call     held by leafpass       held by Dynamo
+``is_compiling()`` in a leaf's fake call,   held by leafpass       held by Dynamo
+and from the backend to the compile's end
 ==========================================  =====================  ======================
 
 :data:`LEAF_OUTPUTS_FLAT` tells the two leaf-function APIs apart by what the module
@@ -71,6 +72,7 @@ __all__ = [
     "graph_input_sources",
     "graph_inputs_by_fake",
     "hold_compiling_flag_for_leaf_call",
+    "hold_compiling_flag_until_compile_end",
     "invoke_leaf_function_op",
     "is_first_compile_of_frame",
     "leaf_function",
@@ -366,6 +368,30 @@ class _HeldFlag(threading.local):
 _leaf_call_flag = _HeldFlag()
 
 
+def hold_compiling_flag_until_compile_end() -> None:
+    """From the backend on, hold ``torch.compiler.is_compiling()`` True until the compile ends.
+
+    torch 2.13+ holds it itself. On torch 2.11 Dynamo builds the frame's guards after the
+    backend returns, reading module attributes the Python way, so a DeepSpeed ZeRO-3
+    ``_parameters`` dict all-gathers a leaf's parameter there (the guard Dynamo just made on
+    its partitioned size then fails on the same frame). No graph input is created after the
+    backend starts, so 2.11's "non-strict export" reading of the flag changes nothing."""
+    _hold_compiling_flag()
+
+
+def _hold_compiling_flag() -> None:
+    import torch.compiler as compiler
+
+    if compiler.is_compiling():
+        return
+    compiler._is_compiling_flag = True
+    _leaf_call_flag.held = True
+    from torch._dynamo.callback import callback_handler, on_compile_end
+
+    if _release_at_compile_end not in callback_handler.end_callbacks:  # torch._dynamo.reset() clears them
+        on_compile_end(_release_at_compile_end)
+
+
 @assume_constant_result
 def hold_compiling_flag_for_leaf_call() -> bool:
     """Traced right before a leaf call: hold ``torch.compiler.is_compiling()`` True until the
@@ -379,16 +405,7 @@ def hold_compiling_flag_for_leaf_call() -> bool:
     sizes), so 2.11's reading of the flag in ``create_graph_input`` ("non-strict export":
     no symbols lifted) changes nothing there. A compile that fails in between lets go
     through Dynamo's end-of-compile callback."""
-    import torch.compiler as compiler
-
-    if compiler.is_compiling():
-        return True
-    compiler._is_compiling_flag = True
-    _leaf_call_flag.held = True
-    from torch._dynamo.callback import callback_handler, on_compile_end
-
-    if _release_at_compile_end not in callback_handler.end_callbacks:  # torch._dynamo.reset() clears them
-        on_compile_end(_release_at_compile_end)
+    _hold_compiling_flag()
     return True
 
 

@@ -367,3 +367,23 @@ def test_is_compiling_is_let_go_when_the_compile_fails_inside_a_leaf_call():
         torch.compile(model, backend="z3leaf", fullgraph=True, options={"inner": "eager"})(torch.randn(4, 8))
     assert not torch.compiler.is_compiling()
     assert not internals._leaf_call_flag.held
+
+
+def test_is_compiling_holds_from_the_backend_to_the_end_of_the_compile(monkeypatch):
+    # torch 2.11 builds guards after the backend without the flag; leafpass holds it from
+    # the backend on (a ZeRO-3 _parameters dict read by a guard would otherwise all-gather)
+    from leafpass import backend
+
+    seen = []
+    inner = backend._compile_held
+
+    def spy(*args, **kwargs):
+        seen.append(torch.compiler.is_compiling())
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "_compile_held", spy)
+    model = TwoMoE(8)
+    leafpass.set_z3_leaf_modules(model, [MoEBlock])
+    torch.compile(model, backend="z3leaf", options={"inner": "eager"})(torch.randn(4, 8))
+    assert seen == [True]
+    assert not torch.compiler.is_compiling() and not internals._leaf_call_flag.held
