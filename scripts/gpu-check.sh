@@ -18,7 +18,7 @@
 # Each step has a time limit; all of it fits in 8 minutes.
 # --dry-run: steps 1 and 2 for real (with the python given by PYTHON, default python3), then
 # collects the `cuda` tests instead of running them, parses the benchmark's arguments and runs
-# its CPU smoke (gloo, 1 rank, tiny model, eager and z3leaf). Options: --wheels DIR, --out DIR.
+# its CPU smoke (gloo, 1 rank, tiny model, z3leaf). Options: --wheels DIR, --out DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dry_run=0
