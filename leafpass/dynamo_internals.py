@@ -10,20 +10,21 @@ Where torch releases differ, the difference is decided here, once, and the rest 
 leafpass reads one answer:
 
 ==========================================  =====================  ======================
-what                                        torch 2.11             torch 2.13, 2.14
+what                                        torch 2.11             torch 2.12 to 2.14
 ==========================================  =====================  ======================
 a size's hint without a guard               ``size_hint``          ``optimization_hint``
 what a ``leaf_function`` may return         a flat tuple of        any pytree (Dynamo
                                             tensors (or None)      flattens it)
 ``invoke_leaf_function`` node arguments     ``(real_fn_spec,       ``(real_fn, fake_fn,
                                             fake_fn_spec, *flat)`` input_spec, '', *flat)``
-``is_compiling()`` in a leaf's fake call,   held by leafpass       held by Dynamo
-and from the backend to the compile's end
+``is_compiling()`` in a leaf's fake call,   held by leafpass       held by leafpass (2.12),
+and from the backend to the compile's end                          by Dynamo (2.13, 2.14)
 ==========================================  =====================  ======================
 
 :data:`LEAF_OUTPUTS_FLAT` tells the two leaf-function APIs apart by what the module
-holds (``make_leaf_function_wrappers`` is the 2.13 API), not by the version number, so
-a release in between gets whichever it has.
+holds (``make_leaf_function_wrappers``, which 2.12 has already), not by the version
+number; the ``is_compiling()`` holds check the flag itself and do nothing where Dynamo
+holds it.
 
 ==========================================  =============================================
 what                                        torch source (2.13)
@@ -265,8 +266,8 @@ def _leaf_function_module():
 
 LEAF_OUTPUTS_FLAT: bool = not hasattr(_leaf_function_module(), "make_leaf_function_wrappers")
 """True on torch 2.11: a ``leaf_function`` must return a flat tuple of tensors, and its
-``invoke_leaf_function`` node is ``(real_fn_spec, fake_fn_spec, *flat)``. False on 2.13
-and 2.14, where Dynamo flattens any output itself and the node is
+``invoke_leaf_function`` node is ``(real_fn_spec, fake_fn_spec, *flat)``. False on 2.12
+to 2.14, where Dynamo flattens any output itself and the node is
 ``(real_fn, fake_fn, input_spec, mutated_indices, *flat)``."""
 
 LAYOUT_META = "leafpass_leaf_output_layout"

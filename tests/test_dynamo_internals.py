@@ -39,7 +39,7 @@ def test_leaf_function_api_is_the_one_this_torch_has():
 
     if in_range(torch.__version__, (2, 11), (2, 12)):
         assert internals.LEAF_OUTPUTS_FLAT
-    if in_range(torch.__version__, (2, 13), (2, 15)):
+    if in_range(torch.__version__, (2, 12), (2, 15)):
         assert not internals.LEAF_OUTPUTS_FLAT
 
 
