@@ -65,12 +65,32 @@ log "$(wc -l < "$wheels/MANIFEST") wheels, $((total / 1024)) KiB in $wheels"
 # --system-site-packages gives, also when PYTHON is itself a venv's), the wheels on top
 "$py" -c 'import torch' 2>/dev/null || fail "$py cannot import torch; set PYTHON to an interpreter that has it"
 rm -rf "$venv"
-"$py" -m venv "$venv"
-base_sites=$("$py" -c 'import site, sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))')
-venv_site=$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')
-echo "$base_sites" > "$venv_site/_gpu_check_base.pth"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-index --no-cache-dir "$wheels"/*.whl
+# no pip inside (a system Python may lack ensurepip): the machine's pip installs into it
+"$py" -m venv --without-pip "$venv"
 vpy=$venv/bin/python
+base_sites=$("$py" -c 'import site, sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))')
+venv_site=$("$vpy" -c 'import site; print(site.getsitepackages()[0])')
+echo "$base_sites" > "$venv_site/_gpu_check_base.pth"
+# the wheels this interpreter takes: all of them on the GPU machine (CPython 3.12); a dry run
+# elsewhere leaves out the binary ones built for 3.12 and says so
+selected=$("$py" - "$wheels" <<'PY'
+import pathlib, sys
+from packaging.tags import sys_tags
+from packaging.utils import parse_wheel_filename
+ours = set(sys_tags())
+for whl in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    fits = any(tag in ours for tag in parse_wheel_filename(whl.name)[3])
+    print(("" if fits else "-") + str(whl))
+PY
+)
+install=$(echo "$selected" | grep -v '^-' || true)
+skipped=$(echo "$selected" | grep -c '^-' || true)
+if [ "$skipped" -gt 0 ]; then
+  [ "$dry_run" = 1 ] || fail "$skipped wheel(s) in $wheels do not fit $("$py" --version): $(echo "$selected" | grep '^-' | tr '\n' ' ')"
+  log "dry run: $skipped wheel(s) for another Python left out here (the machine's own packages stand in)"
+fi
+# shellcheck disable=SC2086
+"$py" -m pip --python "$vpy" install -q --disable-pip-version-check --no-deps --no-index --no-cache-dir $install
 "$vpy" - <<'PY' | tee "$out/versions.txt"
 import importlib.metadata as md, sys, torch
 import deepspeed, transformers, leafpass  # noqa: F401  (all three import)
@@ -101,11 +121,11 @@ gpus=$("$vpy" -c 'import torch; print(torch.cuda.device_count())')
 [ "$gpus" -gt 0 ] || fail "torch sees no CUDA GPU here; use --dry-run"
 status=0
 # 3. the cuda tests (the distributed ones start one NCCL rank per GPU themselves)
-timeout 200 "$vpy" -m pytest -q -m cuda tests -p no:cacheprovider -rs --timeout 150 > "$out/tests.log" 2>&1 || status=$?
+timeout 170 "$vpy" -m pytest -q -m cuda tests -p no:cacheprovider -rs --timeout 150 > "$out/tests.log" 2>&1 || status=$?
 tests_line=$(tail -1 "$out/tests.log")
 log "cuda tests: $tests_line"
 # 4. the benchmark
-timeout 260 "$vpy" benchmarks/gpu_mixtral.py --out "$out" --timeout 80 > "$out/benchmark.log" 2>&1 || status=$?
+timeout 290 "$vpy" benchmarks/gpu_mixtral.py --out "$out" --timeout 120 > "$out/benchmark.log" 2>&1 || status=$?
 tail -6 "$out/benchmark.log"
 # 5. one table
 {
