@@ -36,6 +36,7 @@ from .record import GraphRecorder, record_graphs
 from .runtime import NullRuntime, PrefetchRuntime, use_runtime
 from .schedule_check import LeafScheduleMismatch, leaf_schedule
 from .shape_inference import LeafShapeError
+from .leaf_arguments import LeafArgumentError
 
 _capture.install()
 _register_from_environment()  # LEAFPASS_BACKENDS, if set
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_LEAF_MODULE_CLASSES",
     "GATHER_POLICIES",
     "GraphRecorder",
+    "LeafArgumentError",
     "LeafScheduleMismatch",
     "LeafShapeError",
     "NullRuntime",

@@ -35,6 +35,7 @@ from .dynamo_internals import assume_constant_result, leaf_function
 
 from . import shape_inference
 from .gather import root_gatherer
+from .leaf_arguments import apply_states, call_with_objects, states_of_objects
 
 __all__ = ["install", "installed", "run_leaf", "is_leafpass_backend"]
 
@@ -47,7 +48,7 @@ def _leafpass_module_call(self: nn.Module, *args, **kwargs):
     if torch.compiler.is_compiling():
         if _tracing_for_leafpass() and getattr(self, "_z3_leaf", False):
             internals.hold_compiling_flag_for_leaf_call()
-            return internals.structured_leaf_outputs(run_leaf(self, args, kwargs))
+            return _call_leaf(self, args, kwargs)
         return _original_call(self, *args, **kwargs)
     # Only builtins and Dynamo-disabled functions are called from here on before the
     # module's own call: this frame may run inside a z3leaf compile region (before the
@@ -200,13 +201,26 @@ def _tracing_for_leafpass() -> bool:
     return is_leafpass_backend(internals.tracing_compiler_fn())
 
 
+def _call_leaf(module: nn.Module, args: tuple, kwargs: dict):
+    """Traced by Dynamo: objects among the arguments (a ``DynamicCache``, a dataclass) go
+    through the opaque call by state, and their new state is written back after it
+    (see ``leafpass.leaf_arguments``)."""
+    args, kwargs, objects = states_of_objects(type(module).__name__, args, kwargs)
+    if not objects:
+        return internals.structured_leaf_outputs(run_leaf(module, args, kwargs))
+    out, states = internals.structured_leaf_outputs(run_leaf(module, args, kwargs))
+    apply_states(objects, states)
+    return out
+
+
 @leaf_function
 def run_leaf(module: nn.Module, args: tuple, kwargs: dict):
     """The leaf's call as Dynamo records it: one opaque node (rewritten by the passes).
 
     What it returns is flattened for torch 2.11's ``leaf_function`` (see
     :func:`leafpass.dynamo_internals.flat_leaf_outputs`)."""
-    return internals.flat_leaf_outputs(_original_call(module, *args, **kwargs), fake_run=False)
+    out = call_with_objects(lambda *a, **k: _original_call(module, *a, **k), type(module).__name__, args, kwargs)
+    return internals.flat_leaf_outputs(out, fake_run=False)
 
 
 @run_leaf.register_fake

@@ -10,25 +10,36 @@ model with ``torch.compile(backend=leafpass.make_backend(inner=...))`` on CPU, n
   each was flagged and how many opaque calls the graphs make to it;
 * the number of graphs the backend received (with ``--graph``, each one as
   ``leafpass.format_graph`` text);
-* every graph break: reason, user-code location, the module(s) its code is in and
-  whether that is inside a flagged leaf; frames Dynamo gave up on (run eagerly);
+* graph breaks and frames Dynamo gave up on (run eagerly), grouped by cause (the same
+  location and reason): how many times each hit, the module(s) its code is in and
+  whether that is inside a flagged leaf, and one short stack (the model's ``forward``s
+  and the user's own code; library frames folded);
 * recompiles, with Dynamo's guard-failure reason;
 * every ``prefetch_all``, in graph order: the leaf and its parameter count;
-* with ``--suggest``: modules to flag that would remove the breaks, best first, and a
-  check that flags the recommended ones on a copy of the model and compiles again.
+* with ``--suggest``: modules to flag that would remove the breaks (the smallest module
+  holding each, DeepSpeed's default leaf classes first), what each gathers at once, and
+  a check that flags the recommended ones on a copy of the model, compiles again and
+  says in one line what is left.
 
 ``--json`` prints the same as one JSON object. Its keys: ``leaves`` (list of ``{name,
 class, qualified_class, params, numel, bytes, flagged_by, opaque_calls}`` where
 ``params`` counts parameter tensors as ``prefetch_all`` does and ``numel`` their
 elements), ``graphs`` (int), ``graph_details`` (per graph: ``ops``, ``leaf_calls``,
-``prefetches``, and ``text`` with ``--graph``), ``graph_breaks`` (list of ``{reason,
-location, function, module, in_leaf, user_stack, detail}``), ``skipped_frames``
-(frames Dynamo gave up on; same fields plus ``code``), ``recompiles`` (a list, one
+``prefetches``, and ``text`` with ``--graph``), ``graph_breaks`` (the raw list, one
+``{reason, location, function, module, in_leaf, user_stack, detail}`` per break Dynamo
+recorded), ``skipped_frames`` (frames Dynamo gave up on; same fields plus ``code``),
+``break_causes`` (both grouped by location and reason, most frequent first: ``{location,
+reason, function, module, in_leaf, breaks, eager_frames, eager_functions, graph_breaks,
+skipped_frames, stack, folded_frames}``, ``graph_breaks``/``skipped_frames`` being indices
+into the raw lists and ``stack`` the short stack), ``recompiles`` (a list, one
 ``{function, location, reason, module, compile_id}`` per recompile: its length is the
 count), ``prefetches`` (list of ``{leaf, params}`` in order), and with ``--suggest``
-``suggested_leaves`` (list of ``{name, class, breaks, recompiles, params, bytes,
-recommended}``) and ``suggestion_check`` (``{flagged, status, graphs_before,
-graphs_after, breaks_before, breaks_after, recompiles_before, recompiles_after}``).
+``suggested_leaves`` (list of ``{class, qualified_class, names, deepspeed_default, why,
+breaks, recompiles, params, numel, bytes, recommended, after, apply}``, ``after`` being
+``{graphs, breaks, recompiles}`` as the check measured or null) and ``suggestion_check``
+(``{flagged, status, graphs_before, graphs_after, breaks_before, breaks_after,
+recompiles_before, recompiles_after, apply}``, plus ``failed_class`` and a one-line
+``error`` when ``status`` is ``failed``).
 
 The report is also logged as the structured-trace artifact ``leafpass_explain``, so a
 run under ``TORCH_TRACE=dir`` shows it in tlparse.
@@ -239,12 +250,34 @@ def _size(nbytes: int) -> str:
 
 
 def _modules(names: list[str]) -> str:
-    shown = [n or "(root)" for n in names]
+    shown = _compact_names([n or "(root)" for n in names])
     if not shown:
         return "(no module)"
     if len(shown) > 4:
-        return " | ".join(shown[:3]) + f" | ... ({len(shown)} modules)"
+        return " | ".join(shown[:3]) + f" | ... ({len(names)} modules)"
     return " | ".join(shown)
+
+
+def _compact_names(names: list[str]) -> list[str]:
+    """``['model.layers.0.mlp', 'model.layers.1.mlp']`` -> ``['model.layers.{0,1}.mlp']``: names
+    that differ only in one numbered part are written once."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        key = None
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                key = (tuple(parts[:i]), tuple(parts[i + 1:]))
+                break
+        groups.setdefault(key if key is not None else (name,), []).append(name)
+    out = []
+    for key, members in groups.items():
+        if len(key) == 2 and len(members) > 1 and all(m.split(".")[len(key[0])].isdigit() for m in members):
+            numbers = ",".join(m.split(".")[len(key[0])] for m in members)
+            out.append(".".join([*key[0], "{" + numbers + "}", *key[1]]))
+        else:
+            out.extend(members)
+    return out
 
 
 def _table(rows: list[list[str]], right: set[int] = frozenset(), indent: str = "  ") -> list[str]:
@@ -296,38 +329,45 @@ def render_text(report: dict[str, Any]) -> str:
 
     add("")
     add(f"graphs: {report['graphs']}")
-    for g in report["graph_details"]:
+    details = report["graph_details"]
+    if len(details) > 4:  # many pieces: their sizes on one line, the ones that call leaves on their own
+        add(f"  ops per graph: {', '.join(str(g['ops']) for g in details)}")
+        details = [g for g in details if g["leaf_calls"]]
+    for g in details:
         calls = ", ".join(g["leaf_calls"]) or "none"
         add(f"  graph {g['index']}: {g['ops']} ops, leaf calls: {calls}")
 
-    breaks = report["graph_breaks"]
+    breaks, skipped, causes = report["graph_breaks"], report["skipped_frames"], report["break_causes"]
     add("")
-    add(f"graph breaks: {len(breaks)}")
-    for i, b in enumerate(breaks, 1):
-        add(f"  {i}. {b['location']} in {b['function']}   module: {_modules(b['module'])}   "
-            f"in leaf: {'yes' if b['in_leaf'] else 'no'}")
-        add(f"     {b['reason']}")
-        if len(b["user_stack"]) > 1:
-            add(f"     stack: {' > '.join(b['user_stack'])}")
-
-    skipped = report["skipped_frames"]
-    if any(e["in_leaf"] for e in breaks + skipped):
+    if breaks or skipped:
+        add(f"graph breaks: {len(breaks)}, frames Dynamo gave up on (they ran eagerly): {len(skipped)}; "
+            f"by cause: {len(causes)}")
+    else:
+        add("graph breaks: 0")
+    for i, c in enumerate(causes, 1):
+        counts = [f"{c['breaks']} break{'s' * (c['breaks'] != 1)}"] if c["breaks"] else []
+        if c["eager_frames"]:
+            counts.append(f"{c['eager_frames']} eager frame{'s' * (c['eager_frames'] != 1)}")
+        add(f"  {i}. {c['location']} in {c['function']}: {', '.join(counts)}")
+        add(f"     {c['reason']}")
+        add(f"     module: {_modules(c['module'])}   in leaf: {'yes' if c['in_leaf'] else 'no'}")
+        if len(c["stack"]) > 1:
+            folded = f"  (+{c['folded_frames']} library frames)" if c["folded_frames"] else ""
+            add(f"     stack: {' > '.join(c['stack'])}{folded}")
+    if any(c["in_leaf"] for c in causes):
         add("  note: a break in leaf code means the leaf's code was traced, not kept opaque: it was entered")
         add("        other than by module(...) from a compiled frame (e.g. leaf.forward(...)); call the leaf itself")
-    if skipped:
-        add("")
-        add(f"frames Dynamo gave up on (they ran eagerly): {len(skipped)}")
-        for i, s in enumerate(skipped, 1):
-            add(f"  {i}. {s['function']} ({s['code']}), at {s['location']}   module: {_modules(s['module'])}   "
-                f"in leaf: {'yes' if s['in_leaf'] else 'no'}")
-            add(f"     {s['reason']}")
 
     recompiles = report["recompiles"]
     add("")
     add(f"recompiles: {len(recompiles)}")
-    for i, r in enumerate(recompiles, 1):
-        add(f"  {i}. {r['function']} ({r['location']})   module: {_modules(r['module'])}")
-        add(f"     {_one_line(r['reason'], 200)}")
+    by_code: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in recompiles:
+        by_code.setdefault((r["function"], r["location"]), []).append(r)
+    for i, ((function, location), group) in enumerate(by_code.items(), 1):
+        times = f", {len(group)} times" if len(group) > 1 else ""
+        add(f"  {i}. {function} ({location}{times})   module: {_modules(group[0]['module'])}")
+        add(f"     {_one_line(group[0]['reason'].split(' User stack trace:')[0], 200)}")
 
     prefetches = report["prefetches"]
     add("")
@@ -349,28 +389,50 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+_WHY = {"DeepSpeed default leaf class": "DeepSpeed default", "innermost module holding the breaks": "innermost",
+        "encloses a recommended module": "encloses *"}
+
+
 def _suggestions_text(report: dict[str, Any]) -> list[str]:
-    out = ["", "suggested leaves (best first; * = recommended set):"]
+    out = ["", "suggested leaves (* = recommended; DeepSpeed's default leaf classes first):"]
     suggestions = report["suggested_leaves"]
     if not suggestions:
-        out.append("  none: no break or recompile is in a module that could be flagged")
+        out.append("  none: no break is in a module that could be flagged")
         return out
-    rows = [["", "name", "class", "breaks", "recompiles", "params", "bytes"]]
+    rows = [["", "class", "modules", "why", "breaks", "recompiles", "gathers: params", "bytes",
+             "after: graphs", "breaks"]]
     for s in suggestions:
-        rows.append(["*" if s["recommended"] else " ", s["name"], s["class"], str(s["breaks"]),
-                     str(s["recompiles"]), str(s["params"]), _size(s["bytes"])])
-    out.extend(_table(rows, right={3, 4, 5}))
-    check = report.get("suggestion_check") or {}
-    if check.get("status") == "checked":
-        out.append(f"  check: with {', '.join(check['flagged'])} flagged on a copy of the model: "
-                   f"graph breaks + eager frames {check['breaks_before']} -> {check['breaks_after']}, "
-                   f"graphs {check['graphs_before']} -> {check['graphs_after']}, "
-                   f"recompiles {check['recompiles_before']} -> {check['recompiles_after']}")
-    elif check.get("status"):
-        out.append(f"  check: {check['status']}")
-    if check.get("apply"):
-        out.append(f"  to apply: {check['apply']}")
+        after = s.get("after") or {}
+        rows.append(["*" if s["recommended"] else " ", s["class"], _modules(s["names"]), _WHY.get(s["why"], s["why"]),
+                     str(s["breaks"]), str(s["recompiles"]), str(s["params"]), _size(s["bytes"]),
+                     str(after.get("graphs", "-")), str(after.get("breaks", "-"))])
+    out.extend(_table(rows, right={4, 5, 6, 8, 9}))
+    out.append("  breaks: graph breaks and eager frames in the modules; gathers: one call's parameters, gathered at "
+               "once; after: measured by the check")
+    out.append(f"  {check_line(report.get('suggestion_check') or {}, suggestions)}")
+    apply = (report.get("suggestion_check") or {}).get("apply")
+    if apply:
+        out.append(f"  to apply: {apply}")
     return out
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def check_line(check: dict[str, Any], suggestions: list[dict[str, Any]]) -> str:
+    """The check of the recommended leaves, in one line."""
+    classes = ", ".join(dict.fromkeys(s["class"] for s in suggestions if s["recommended"])) or "nothing"
+    status = check.get("status")
+    if status == "checked":
+        return (f"check: with {classes} flagged on a copy of the model: {_plural(check['graphs_after'], 'graph')}, "
+                f"{_plural(check['breaks_after'], 'break')}, {_plural(check['recompiles_after'], 'recompile')} "
+                f"(before: {_plural(check['graphs_before'], 'graph')}, {_plural(check['breaks_before'], 'break')}, "
+                f"{_plural(check['recompiles_before'], 'recompile')})")
+    if status == "failed":
+        return (f"check: failed: with {check['failed_class']} flagged on a copy of the model, the model raised "
+                f"{_one_line(check['error'], 400)}")
+    return f"check: {_one_line(status or 'not run', 300)}"
 
 
 # --------------------------------------------------------------------------- CLI
@@ -432,27 +494,12 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"running {where}'s model compiled with z3leaf failed: {exc}"
                          f"{_where_in(cause, None) if cause is not None else ''}; "
                          f"run it eagerly to check the model and inputs, or try --inner eager", 1)
-    if "suggested_leaves" in report:
-        report["suggestion_check"]["apply"] = _apply_hint(model, report)
     _emit_trace(report)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(render_text(report), end="")
     return 0
-
-
-def _apply_hint(model, report: dict[str, Any]) -> str | None:
-    """The leafpass call that flags the recommended suggestions."""
-    names = [s["name"] for s in report["suggested_leaves"] if s["recommended"]]
-    if not names:
-        return None
-    by_name = dict(model.named_modules())
-    classes = sorted({type(by_name[n]).__name__ for n in names})
-    instances = sorted(n for n, m in by_name.items() if type(m).__name__ in classes and not getattr(m, "_z3_leaf", False))
-    if instances == sorted(names):
-        return f"leafpass.set_z3_leaf_modules(model, {classes!r})"
-    return f"leafpass.set_z3_leaf_modules_by_name(model, {names!r})"
 
 
 def _emit_trace(report: dict[str, Any]) -> None:

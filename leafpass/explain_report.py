@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import os
 import re
@@ -42,7 +43,7 @@ import leafpass
 
 __all__ = ["build_report", "describe_inputs", "summarize_reason"]
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: break_causes; suggested_leaves grouped by class
 
 
 # --------------------------------------------------------------------------- paths and frames
@@ -56,12 +57,33 @@ def display_path(filename: str) -> str:
         rel = os.path.relpath(filename)
     except ValueError:
         rel = filename
+    for marker in ("site-packages" + os.sep, "dist-packages" + os.sep):  # an installed package: from its name on
+        if marker in filename:
+            return filename.rsplit(marker, 1)[1]
     if not rel.startswith(".." + os.sep) and rel != "..":
         return rel
-    marker = "site-packages" + os.sep
-    if marker in filename:
-        return filename.rsplit(marker, 1)[1]
     return filename
+
+
+@functools.lru_cache(maxsize=1)
+def _library_roots() -> tuple[str, ...]:
+    """Directories whose frames are library code, folded in a short stack: installed
+    packages, the standard library, torch, and leafpass itself (not ``leafpass/testing``)."""
+    import sysconfig
+
+    roots = {sysconfig.get_paths().get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots |= {os.path.dirname(torch.__file__), os.path.dirname(leafpass.__file__)}
+    return tuple(_norm(r) + os.sep for r in roots if r)
+
+
+def is_library_file(filename: str) -> bool:
+    """Whether a frame of ``filename`` is library code rather than the user's own."""
+    path = _norm(filename)
+    if os.sep + "site-packages" + os.sep in path or os.sep + "dist-packages" + os.sep in path:
+        return True
+    if path.startswith(_norm(os.path.dirname(leafpass.__file__)) + os.sep + "testing" + os.sep):
+        return False
+    return path.startswith(_library_roots())
 
 
 def _norm(filename: str) -> str:
@@ -138,6 +160,7 @@ class ModuleIndex:
         self.by_name: dict[str, nn.Module] = dict(self.named)
         self.order: dict[str, int] = {n: i for i, (n, _) in enumerate(self.named)}
         self.flagged: set[str] = {n for n, m in self.named if leafpass.z3_leaf_module(m)}
+        self.classes: set[type] = {type(m) for _, m in self.named}
         self._forward_range: dict[type, tuple[str, int, int] | None] = {}
         self._class_range: dict[type, tuple[str, int, int] | None] = {}
 
@@ -170,6 +193,11 @@ class ModuleIndex:
     @staticmethod
     def _covers(rng, frame: Frame) -> bool:
         return rng is not None and rng[0] == _norm(frame.filename) and rng[1] <= frame.lineno <= rng[2]
+
+    def forward_owner(self, frame: Frame) -> str | None:
+        """``Class.forward`` when ``frame`` is in the ``forward`` of one of the model's module classes."""
+        owners = {cls.__name__ for cls in self.classes if self._covers(self.forward_range(cls), frame)}
+        return f"{owners.pop()}.forward" if len(owners) == 1 else None
 
     def callable_module(self, name: str) -> bool:
         """Whether the module has a ``forward`` of its own (``ModuleList`` and friends do not)."""
@@ -400,8 +428,9 @@ def _function_name(index: ModuleIndex, modules: list[str], frame: Frame | None) 
 
 
 def _events(index: ModuleIndex, run: Run, flagged: list[str]):
-    """Graph breaks, skipped frames and recompiles, each placed in the model's modules."""
-    breaks = []
+    """Graph breaks, skipped frames and recompiles, each placed in the model's modules; and
+    the user frames of each break and skipped frame (outermost first), in that order."""
+    breaks, stacks = [], []
     for reason, frames in run.breaks:
         modules = index.place(frames)
         inner = frames[-1] if frames else None
@@ -414,6 +443,7 @@ def _events(index: ModuleIndex, run: Run, flagged: list[str]):
             "user_stack": [f"{f.location()} in {f.name}" for f in frames],
             "detail": reason.strip(),
         })
+        stacks.append(frames)
     skipped = []
     for rec in run.skipped:
         frames = [rec["code"]] + ([rec["at"]] if rec["at"] is not None else [])
@@ -429,6 +459,7 @@ def _events(index: ModuleIndex, run: Run, flagged: list[str]):
             "compile_id": rec["compile_id"],
             "detail": rec["reason"].strip(),
         })
+        stacks.append(frames)
     recompiles = []
     for rec in run.recompiles:
         modules = index.place([rec["code"]])
@@ -439,73 +470,192 @@ def _events(index: ModuleIndex, run: Run, flagged: list[str]):
             "module": modules,
             "compile_id": rec["compile_id"],
         })
-    return breaks, skipped, recompiles
+    return breaks, skipped, recompiles, stacks
+
+
+# --------------------------------------------------------------------------- causes
+
+
+def short_stack(index: ModuleIndex, frames: list[Frame]) -> tuple[list[str], int]:
+    """The frames worth reading, outermost first, and how many were folded away.
+
+    Kept: the user's own code, the ``forward`` of a module of the model (named
+    ``Class.forward``) and the innermost frame, where the break is. Folded: every
+    other frame of a library (decorators, wrappers, helpers of transformers or torch).
+    """
+    kept, folded = [], 0  # file:line in Class.forward (the full paths are in each break's user_stack)
+    for i, frame in enumerate(frames):
+        owner = index.forward_owner(frame)
+        if owner is None and is_library_file(frame.filename) and i != len(frames) - 1:
+            folded += 1
+            continue
+        where = f"{os.path.basename(display_path(frame.filename))}:{frame.lineno}"
+        name = owner or (frame.name if frame.name not in ("", "?") else None)
+        kept.append(f"{where} in {name}" if name else where)
+    return kept, folded
+
+
+def group_causes(index: ModuleIndex, breaks, skipped, stacks) -> list[dict[str, Any]]:
+    """Graph breaks and skipped frames grouped by cause: the same location and reason.
+
+    Dynamo records one break per frame it compiles, so one ``nonzero`` in an expert's
+    ``forward`` reached through ten wrapper frames is ten breaks, and frames it gave up
+    on repeat it again; a cause is that one line of code. Each cause counts its breaks
+    and eager frames, joins their modules, and keeps the deepest stack, shortened.
+    Most frequent first.
+    """
+    causes: dict[tuple[str, str], dict[str, Any]] = {}
+    deepest: dict[tuple[str, str], list[Frame]] = {}
+    for kind, events, offset in (("graph_breaks", breaks, 0), ("skipped_frames", skipped, len(breaks))):
+        for i, event in enumerate(events):
+            key = (event["location"], event["reason"])
+            cause = causes.setdefault(key, {
+                "location": event["location"], "reason": event["reason"], "function": event["function"],
+                "module": [], "in_leaf": True, "breaks": 0, "eager_frames": 0, "eager_functions": [],
+                "graph_breaks": [], "skipped_frames": [],
+            })
+            cause["breaks" if kind == "graph_breaks" else "eager_frames"] += 1
+            cause[kind].append(i)
+            cause["in_leaf"] = cause["in_leaf"] and event["in_leaf"]
+            cause["module"] = sorted(set(cause["module"]) | set(event["module"]), key=index.order.__getitem__)
+            if kind == "skipped_frames" and event["function"] not in cause["eager_functions"]:
+                cause["eager_functions"].append(event["function"])
+            frames = stacks[offset + i]
+            if len(frames) > len(deepest.get(key, ())):
+                deepest[key] = frames
+    for key, cause in causes.items():
+        frames = deepest.get(key, [])
+        if cause["breaks"] == 0 and frames:  # name the code the frame stopped in, not the frame
+            cause["function"] = index.forward_owner(frames[-1]) or cause["function"]
+        cause["stack"], cause["folded_frames"] = short_stack(index, frames)
+    return sorted(causes.values(), key=lambda c: -(c["breaks"] + c["eager_frames"]))
 
 
 # --------------------------------------------------------------------------- suggestions
 
 
-def suggest_leaves(index: ModuleIndex, breaks, skipped, recompiles, flagged: list[str]) -> list[dict[str, Any]]:
-    """Modules that would remove the observed breaks if flagged, best first.
+@functools.lru_cache(maxsize=1)
+def deepspeed_default_leaf_classes() -> tuple[str, ...]:
+    """The classes DeepSpeed flags when ``zero_optimization.leaf_module.classes`` is not
+    given, as the installed DeepSpeed lists them (``DEFAULT_LEAF_MODULE_CLASSES`` of
+    ``deepspeed/runtime/zero/leaf_module_config.py``); without DeepSpeed, leafpass's copy."""
+    try:
+        from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+    except Exception:  # not installed, or it fails to import here: the copy is the same list
+        return tuple(leafpass.DEFAULT_LEAF_MODULE_CLASSES)
+    return tuple(DEFAULT_LEAF_MODULE_CLASSES)
 
-    A module's ``breaks`` counts the graph breaks and skipped frames whose code lies in
-    its subtree (a break in code shared by several instances counts for each);
-    ``recompiles`` the same for recompiled frames (shapes that change from call to
-    call, such as data-dependent token counts). A module is dropped when a module
-    inside it accounts for exactly the same events (the innermost one covering them
-    wins), and so are the root, modules without a ``forward`` of their own, flagged
-    modules and modules inside them. Ranked by breaks, then recompiles, then depth
-    (innermost first). ``recommended`` marks a smallest set that covers every break
-    placed in a module (greedy, in rank order).
+
+def is_default_leaf_class(cls: type, defaults: Iterable[str]) -> bool:
+    """``cls`` is one of ``defaults`` by qualified name, or by class name (a copy of the
+    class, as remote-code models ship, still matches)."""
+    defaults = tuple(defaults)
+    return _qualname(cls) in defaults or cls.__name__ in {d.rsplit(".", 1)[-1] for d in defaults}
+
+
+def suggest_leaves(index: ModuleIndex, breaks, skipped, recompiles, flagged: list[str],
+                   default_classes: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Modules to flag so that the observed breaks go, as groups of one class; best first.
+
+    For each graph break and skipped frame, the module that holds it is the innermost
+    module of the model (with a ``forward`` of its own, not the root, not a flagged leaf
+    or inside one) whose code it is in. The recommended module is its nearest enclosing
+    module (itself included) of one of DeepSpeed's default leaf classes (``default_classes``,
+    e.g. ``Qwen3MoeSparseMoeBlock`` around ``Qwen3MoeExperts``), else the holder itself:
+    the smallest opaque piece that swallows the break, so the least is gathered at once
+    and the most stays compiled. A recommended module inside another one is dropped (the
+    outer one is opaque already).
+
+    Besides the recommended groups (``recommended``), the list holds the alternatives a
+    user may weigh: the holders when a default class was preferred, and the module
+    enclosing each recommended one (a decoder layer around its MoE block), which gathers
+    more at once and keeps more out of the compiled graph. ``breaks`` counts the graph
+    breaks and skipped frames in a group's modules, ``recompiles`` the recompiled frames;
+    ``params``, ``numel`` and ``bytes`` are those of its largest module: what one opaque
+    call gathers at once.
     """
-    break_units = [(i, m) for i, ev in enumerate(breaks + skipped) for m in ev["module"]]
-    recompile_units = [(i, m) for i, ev in enumerate(recompiles) for m in ev["module"]]
+    defaults = tuple(default_classes)
+    events = breaks + skipped
 
     def eligible(name: str) -> bool:
         return (name != "" and index.callable_module(name)
                 and not any(index.is_under(name, f) for f in flagged))
 
-    def covered(name: str, units) -> set:
-        return {u for u in units if index.is_under(u[1], name)}
+    def parent(name: str) -> str:
+        return name.rsplit(".", 1)[0] if "." in name else ""
 
-    stats = {}
-    for name, _ in index.named:
-        if not eligible(name):
+    def ancestors(name: str):  # name itself first, the root excluded
+        while name:
+            yield name
+            name = parent(name)
+
+    def holder(name: str) -> str | None:
+        return next((a for a in ancestors(name) if eligible(a)), None)
+
+    def is_default(name: str) -> bool:
+        return is_default_leaf_class(type(index.by_name[name]), defaults)
+
+    holders, picks = set(), set()
+    for event in events:
+        if event["in_leaf"]:
             continue
-        b, r = covered(name, break_units), covered(name, recompile_units)
-        if b or r:
-            stats[name] = (b, r)
-    # distinct events, not (event, instance) pairs
-    counts = {n: (len({u[0] for u in b}), len({u[0] for u in r})) for n, (b, r) in stats.items()}
-    kept = [
-        n for n in stats
-        if not any(d != n and index.is_under(d, n) and counts[d] == counts[n] for d in stats)
-    ]
-    kept.sort(key=lambda n: (-counts[n][0], -counts[n][1], -index.depth(n), index.order[n]))
+        for module in event["module"]:
+            inner = holder(module)
+            if inner is None:
+                continue
+            holders.add(inner)
+            picks.add(next((a for a in ancestors(inner) if eligible(a) and is_default(a)), inner))
+    picks = {n for n in picks if not any(o != n and index.is_under(n, o) for o in picks)}
+    enclosing = {holder(parent(n)) for n in picks} - {None}
 
-    remaining = set(break_units)
-    chosen: list[str] = []
-    for name in kept:
-        mine = stats[name][0] & remaining
-        if mine and not any(index.is_under(name, c) for c in chosen):
-            chosen.append(name)
-            remaining -= mine
-    result = []
-    for name in kept:
-        if name not in chosen and any(index.is_under(name, c) for c in chosen):
-            continue  # inside a recommended module: flagging it adds nothing
-        module = index.by_name[name]
-        tensors, elements, nbytes = _param_stats(module)
-        result.append({
-            "name": name,
-            "class": type(module).__name__,
-            "breaks": counts[name][0],
-            "recompiles": counts[name][1],
+    def events_in(names: list[str], items: list[dict[str, Any]]) -> int:
+        return sum(1 for e in items if not e.get("in_leaf")
+                   and any(index.is_under(m, n) for m in e["module"] for n in names))
+
+    def by_class(names: Iterable[str]) -> list[list[str]]:
+        groups: dict[type, list[str]] = {}
+        for name in sorted(names, key=index.order.__getitem__):
+            groups.setdefault(type(index.by_name[name]), []).append(name)
+        return list(groups.values())
+
+    def entry(names: list[str], why: str, recommended: bool) -> dict[str, Any]:
+        cls = type(index.by_name[names[0]])
+        tensors, elements, nbytes = max((_param_stats(index.by_name[n]) for n in names), key=lambda t: (t[2], t[0]))
+        return {
+            "class": cls.__name__,
+            "qualified_class": _qualname(cls),
+            "names": names,
+            "deepspeed_default": is_default(names[0]),
+            "why": why,
+            "breaks": events_in(names, events),
+            "recompiles": events_in(names, recompiles),
             "params": tensors,
+            "numel": elements,
             "bytes": nbytes,
-            "recommended": name in chosen,
-        })
-    return result
+            "recommended": recommended,
+            "after": None,
+        }
+
+    chosen = [entry(g, "DeepSpeed default leaf class" if is_default(g[0]) else "innermost module holding the breaks",
+                    True) for g in by_class(picks)]
+    chosen.sort(key=lambda e: (not e["deepspeed_default"], -e["breaks"], -min(index.depth(n) for n in e["names"])))
+    others = [entry(g, "innermost module holding the breaks", False) for g in by_class(holders - picks)]
+    others += [entry(g, "encloses a recommended module", False) for g in by_class(enclosing - picks - holders)]
+    others.sort(key=lambda e: (-e["breaks"], e["bytes"]))
+    return chosen + others
+
+
+def apply_hint(model: nn.Module, names: list[str]) -> str | None:
+    """The leafpass call that flags ``names``: by class when they are every unflagged module of their classes."""
+    if not names:
+        return None
+    by_name = dict(model.named_modules())
+    classes = sorted({type(by_name[n]).__name__ for n in names})
+    instances = sorted(n for n, m in by_name.items()
+                       if type(m).__name__ in classes and not leafpass.z3_leaf_module(m))
+    if instances == sorted(names):
+        return f"leafpass.set_z3_leaf_modules(model, {classes!r})"
+    return f"leafpass.set_z3_leaf_modules_by_name(model, {names!r})"
 
 
 # --------------------------------------------------------------------------- the report
@@ -538,7 +688,7 @@ def build_report(
     if run.error is not None:
         raise RunFailed(f"{type(run.error).__name__}: {run.error}") from run.error
     flagged = [index.name_of[id(m)] for m in leafpass.get_z3_leaf_modules(model) if id(m) in index.name_of]
-    breaks, skipped, recompiles = _events(index, run, flagged)
+    breaks, skipped, recompiles, stacks = _events(index, run, flagged)
     tensors, elements, nbytes = _param_stats(model)
     details = _graph_details(index, run.graphs, graphs_text)
     report: dict[str, Any] = {
@@ -554,19 +704,48 @@ def build_report(
         "graph_details": details,
         "graph_breaks": breaks,
         "skipped_frames": skipped,
+        "break_causes": group_causes(index, breaks, skipped, stacks),
         "recompiles": recompiles,
         "prefetches": [p for g in details for p in g["prefetches"]],
     }
     if suggest:
-        suggestions = suggest_leaves(index, breaks, skipped, recompiles, flagged)
+        suggestions = suggest_leaves(index, breaks, skipped, recompiles, flagged, deepspeed_default_leaf_classes())
+        for item in suggestions:
+            item["apply"] = apply_hint(model, item["names"])
         report["suggested_leaves"] = suggestions
         report["suggestion_check"] = _check(pristine, inputs, inner, no_grad, suggestions, report)
+        report["suggestion_check"]["apply"] = apply_hint(model, report["suggestion_check"]["flagged"])
     return report
 
 
+def first_line_of_error(exc: BaseException, limit: int = 400) -> str:
+    """``Type: first line`` of the error that says what went wrong, one line.
+
+    Dynamo wraps what a backend or a leaf raised (``TorchRuntimeError``,
+    ``BackendCompilerFailed``, ``InternalTorchDynamoError``) in messages that carry the
+    whole user stack. Of the chain of causes, a leafpass error is taken (its message
+    names the leaf and the fix), else the innermost cause.
+    """
+    chain = [exc]
+    while len(chain) < 50:
+        last = chain[-1]
+        nxt = last.__cause__ if last.__cause__ is not None else last.__context__  # Dynamo raises `from None`
+        if nxt is None or nxt in chain:
+            break
+        chain.append(nxt)
+    ours = [e for e in chain if type(e).__module__.split(".")[0] == "leafpass"]
+    exc = ours[0] if ours else chain[-1]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check(pristine, inputs, inner, no_grad, suggestions, report) -> dict[str, Any]:
-    """Flag the recommended suggestions on a copy of the model, compile again, count what is left."""
-    names = [s["name"] for s in suggestions if s["recommended"]]
+    """Flag the recommended groups on a copy of the model one after the other, compile and
+    run after each, and count what is left: each group's ``after`` is what flagging it (and
+    the groups before it) bought."""
+    groups = [s for s in suggestions if s["recommended"]]
+    names = [n for g in groups for n in g["names"]]
     check: dict[str, Any] = {"flagged": names}
     if not names:
         check["status"] = "nothing to check"
@@ -575,21 +754,23 @@ def _check(pristine, inputs, inner, no_grad, suggestions, report) -> dict[str, A
         check["status"] = "skipped (--no-verify)"
         return check
     if isinstance(pristine, BaseException):
-        check["status"] = f"skipped: the model cannot be deep-copied ({type(pristine).__name__}: {pristine})"
-        return check
-    leafpass.set_z3_leaf_modules_by_name(pristine, names)
-    run = compile_and_run(pristine, inputs, inner, no_grad)
-    torch._dynamo.reset()
-    if run.error is not None:
-        check["status"] = f"failed: the model raised {type(run.error).__name__}: {run.error}"
+        check["status"] = f"skipped: the model cannot be deep-copied ({first_line_of_error(pristine, 200)})"
         return check
     check.update({
-        "status": "checked",
         "graphs_before": report["graphs"],
-        "graphs_after": len(run.graphs),
         "breaks_before": len(report["graph_breaks"]) + len(report["skipped_frames"]),
-        "breaks_after": len(run.breaks) + len(run.skipped),
         "recompiles_before": len(report["recompiles"]),
-        "recompiles_after": len(run.recompiles),
     })
+    for group in groups:
+        leafpass.set_z3_leaf_modules_by_name(pristine, group["names"])
+        run = compile_and_run(pristine, inputs, inner, no_grad)
+        torch._dynamo.reset()
+        if run.error is not None:
+            check.update({"status": "failed", "failed_class": group["class"], "error": first_line_of_error(run.error)})
+            return check
+        group["after"] = {"graphs": len(run.graphs), "breaks": len(run.breaks) + len(run.skipped),
+                          "recompiles": len(run.recompiles)}
+        check.update({"graphs_after": group["after"]["graphs"], "breaks_after": group["after"]["breaks"],
+                      "recompiles_after": group["after"]["recompiles"]})
+    check["status"] = "checked"
     return check

@@ -31,8 +31,11 @@ import torch.fx
 from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
+from .leaf_arguments import BuildArgument
 from .leaf_call import leaf_call_of
+from .passes.leaf_call_module import ARGUMENT_META
 from .runtime import _leaf_environments, in_leaf_environment
+from .runtime.leaf_inputs import leaf_input_for_deepspeed_backward_hook
 from .passes.inline_checkpoint import CheckpointRegion, checkpoint_region_of
 from .passes.insert_prefetch import is_prefetch_node
 from .shape_inference import LeafShapeError
@@ -51,8 +54,9 @@ def leaf_partitions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
     """Partition id of every node, in graph order.
 
     A leaf piece holds a leaf's ``prefetch_all``, its ``call_module`` and the
-    ``getitem``/``getattr`` nodes unpacking its output; every other stretch of
-    nodes is one compiled piece.
+    ``getitem``/``getattr`` nodes unpacking its output, and the nodes that build its
+    object arguments before it and read them back after it (``ARGUMENT_META``);
+    every other stretch of nodes is one compiled piece.
     """
     part: dict[torch.fx.Node, int] = {}
     current, current_is_leaf = 0, False
@@ -61,19 +65,27 @@ def leaf_partitions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        if is_prefetch_node(node):
-            current, current_is_leaf = current + 1, True
+        if _builds_argument(node):
+            if not (previous is not None and _builds_argument(previous)):
+                current, current_is_leaf = current + 1, True
+        elif is_prefetch_node(node):
+            if not (previous is not None and _builds_argument(previous)):
+                current, current_is_leaf = current + 1, True
         elif node.op == "call_module" and leaf_call_of(node) is not None:
-            if not (previous is not None and is_prefetch_node(previous)):
+            if not (previous is not None and (is_prefetch_node(previous) or _builds_argument(previous))):
                 current, current_is_leaf = current + 1, True
             leaf_values.add(node)
-        elif current_is_leaf and _unpacks(node, leaf_values):
+        elif current_is_leaf and (_unpacks(node, leaf_values) or ARGUMENT_META in node.meta):
             leaf_values.add(node)
         elif current_is_leaf:
             current, current_is_leaf = current + 1, False
         part[node] = current
         previous = node
     return part
+
+
+def _builds_argument(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and isinstance(node.target, BuildArgument)
 
 
 def _unpacks(node: torch.fx.Node, values: set[torch.fx.Node]) -> bool:
@@ -180,8 +192,11 @@ class _LeafPiece(torch.nn.Module):
         self.expected = expected
         self.region = region
         self.leaves = [n.target for n in piece.graph.nodes if n.op == "call_module"]
+        self.leaf_modules = [piece.get_submodule(name) for name in self.leaves]
 
     def forward(self, *args):
+        # everything before the leaf frozen: see runtime.leaf_inputs
+        args = leaf_input_for_deepspeed_backward_hook(self.leaf_modules, args)
         if self.region is not None and torch.is_grad_enabled():
             # from a checkpoint region: keep nothing for backward but the inputs, and run
             # prefetch_all + the leaf again there (non-reentrant, as Dynamo traces every

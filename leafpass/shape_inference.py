@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .dynamo_internals import graph_inputs_by_fake, size_hint
+from .leaf_arguments import call_with_objects
 from .runtime import logical_shape
 
 __all__ = ["infer_leaf_outputs", "LeafShapeError"]
@@ -54,7 +55,9 @@ def _whole_parameters(module: nn.Module, fake_mode) -> dict[str, torch.Tensor]:
 
 
 def _forward(module: nn.Module, args, kwargs):
-    return module.forward(*args, **kwargs)
+    # objects passed by state (leaf_arguments) are built here, after the inputs were
+    # made fake or zero, and their new states are returned beside the output
+    return call_with_objects(module.forward, type(module).__name__, args, kwargs)
 
 
 def _is_data_dependent(err: BaseException) -> bool:

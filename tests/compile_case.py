@@ -42,12 +42,17 @@ class CompileTestCase(expecttest.TestCase):
             torch.testing.assert_close(_first(out), _first(out_ref), atol=atol, rtol=1e-5)
             loss(out).backward()
             loss(out_ref).backward()
-            for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-                if p.grad is None or q.grad is None:
-                    self.assertEqual(p.grad is None, q.grad is None, f"grad presence differs for {name}")
-                    continue
-                torch.testing.assert_close(p.grad, q.grad, atol=atol, rtol=1e-5, msg=f"grad of {name}, step {step}")
+            assert_same_grads(model, ref, f"step {step}", atol=atol)
         return compiled
+
+
+def assert_same_grads(model, reference, what: str, *, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    """Every parameter of ``model`` has a gradient exactly where ``reference``'s has one,
+    and the two are close; ``what`` (e.g. the step) is named in a failure."""
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), f"grad presence of {name}, {what}"
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=f"grad of {name}, {what}")
 
 
 def _first(out):

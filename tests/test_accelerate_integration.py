@@ -154,7 +154,7 @@ def test_import_leafpass_imports_no_accelerate_and_patches_it_when_imported():
         import accelerate.utils.dataclasses as dataclasses
         print(json.dumps({"before": before, "backend": TorchDynamoPlugin(backend="z3leaf_env").to_kwargs(),
                           "source": "class DynamoBackend" in inspect.getsource(dataclasses),
-                          "hooks_left": [type(f).__name__ for f in sys.meta_path if "Patch" in type(f).__name__]}))
+                          "hooks_left": [type(f).__name__ for f in sys.meta_path if "AfterImport" in type(f).__name__]}))
     """, env={"LEAFPASS_BACKENDS": '{"z3leaf_env": {"gather": "step"}}'})
     assert seen == {"before": [], "backend": {"backend": "z3leaf_env"}, "source": True, "hooks_left": []}
 
@@ -172,6 +172,47 @@ def test_accelerate_imported_before_leafpass_is_patched_at_import():
         print(json.dumps({"before": before, "after": TorchDynamoPlugin(backend="z3leaf").to_kwargs()}))
     """)
     assert seen == {"before": "'Z3LEAF' is not a valid DynamoBackend", "after": {"backend": "z3leaf"}}
+
+
+STARTUP_PTH = os.path.join(ROOT, "leafpass", "integrations", "leafpass-startup.pth")
+
+_STARTUP = """
+    import json, os, site, sys
+    site.addpackage(os.path.dirname({pth!r}), os.path.basename({pth!r}), set())  # what site does at start
+    loaded = "leafpass" in sys.modules or "torch" in sys.modules
+    from accelerate.utils import TorchDynamoPlugin
+    try:
+        backend = TorchDynamoPlugin(backend="z3leaf").to_kwargs()
+    except ValueError as error:
+        backend = str(error)
+    print(json.dumps({{"loaded_at_start": loaded, "backend": backend, "leafpass": "leafpass" in sys.modules}}))
+"""
+
+
+def test_startup_pth_makes_the_name_work_with_no_import_and_loads_nothing_at_start():
+    """``pip install leafpass`` puts leafpass-startup.pth into site-packages: the Trainer's
+    ``torch_compile_backend="z3leaf"`` then needs no ``import leafpass``; the interpreter's
+    start imports neither leafpass nor torch."""
+    seen = _run(_STARTUP.format(pth=STARTUP_PTH))
+    assert seen == {"loaded_at_start": False, "backend": {"backend": "z3leaf"}, "leafpass": True}
+
+
+def test_startup_hook_can_be_turned_off():
+    seen = _run(_STARTUP.format(pth=STARTUP_PTH), env={"LEAFPASS_STARTUP_HOOK": "0"})
+    assert seen == {"loaded_at_start": False, "backend": "'Z3LEAF' is not a valid DynamoBackend", "leafpass": False}
+
+
+def test_wheel_installs_the_startup_pth_at_the_top_of_site_packages(tmp_path):
+    import zipfile
+
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                             "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("leafpass-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "leafpass-startup.pth" in names and "leafpass/integrations/after_import.py" in names, names
+    with open(STARTUP_PTH) as f:
+        assert zipfile.ZipFile(wheel).read("leafpass-startup.pth").decode() == f.read()
 
 
 # ------------------------------------------------------------------ accelerate used directly

@@ -29,7 +29,7 @@ from torch import nn
 import leafpass
 from leafpass.testing.models import MoEBlock
 from leafpass.testing.recording import RecordingRuntime
-from tests.compile_case import CompileTestCase
+from tests.compile_case import CompileTestCase, assert_same_grads
 
 PREFETCH = torch.ops.leafpass.prefetch_all.default
 D = 8
@@ -321,10 +321,7 @@ def test_mixtral_gradient_checkpointing(use_reentrant, inner):
             torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6, msg=f"loss, step {step}")
             out.loss.backward()
             ref.loss.backward()
-            for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-                assert (p.grad is None) == (q.grad is None), f"grad presence of {name}, step {step}"
-                if p.grad is not None:
-                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"grad of {name}, step {step}")
+            assert_same_grads(model, reference, f"step {step}")
         assert len(graphs) == 1, f"{len(graphs)} graphs (a recompile or a break)"
         assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
         gm = graphs[0]

@@ -20,7 +20,8 @@ from torch import nn
 
 import leafpass
 from leafpass import explain
-from leafpass.explain_report import Frame, ModuleIndex, _leaves, suggest_leaves
+from leafpass.explain_report import (Frame, ModuleIndex, _leaves, deepspeed_default_leaf_classes,
+                                     first_line_of_error, suggest_leaves)
 from leafpass.testing.models import ExpertMLP, MoEBlock, TwoMoE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +67,25 @@ def build_half_flagged():
     model = TwoMoE(d=8)
     leafpass.set_z3_leaf_modules_by_name(model, ["moe1"])
     return model, {"x": torch.randn(6, 8)}
+
+
+class Picky(nn.Module):
+    """Refuses an all-zero input: unflagged it only breaks the graph (a branch on data); flagged,
+    leafpass cannot infer its outputs (fake tensors, then zeros), so compiling it fails."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        if x.abs().sum() == 0:
+            raise ValueError("Picky needs a nonzero input")
+        return self.lin(x)
+
+
+def build_picky():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), Picky()), (torch.randn(3, 4),)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -196,18 +216,30 @@ def test_unflagged_breaks_are_outside_leaves(unflagged):
         assert "nonzero" in b["detail"]
     for s in report["skipped_frames"]:
         assert s["in_leaf"] is False and set(s["module"]) <= {"moe1", "moe2"}
+    # grouped: the nonzero is one cause, with every break and the modules it may be in
+    nonzero = [c for c in report["break_causes"] if c["location"].endswith(f"models.py:{NONZERO_LINE}")]
+    assert len(nonzero) == 1, report["break_causes"]
+    (cause,) = nonzero
+    assert (cause["breaks"], cause["graph_breaks"]) == (len(breaks), list(range(len(breaks))))
+    assert (cause["function"], cause["module"], cause["in_leaf"]) == ("MoEBlock.forward", ["moe1", "moe2"], False)
+    assert cause["stack"][-1] == f"models.py:{NONZERO_LINE} in MoEBlock.forward"
+    grouped = sum(c["breaks"] for c in report["break_causes"]), sum(c["eager_frames"] for c in report["break_causes"])
+    assert grouped == (len(breaks), len(report["skipped_frames"]))
 
 
 def test_suggest_lists_the_moe_blocks_first_and_checks_them(unflagged):
-    suggestions = unflagged["suggested_leaves"]
-    top = [(s["name"], s["class"], s["recommended"]) for s in suggestions[:2]]
-    assert top == [("moe1", "MoEBlock", True), ("moe2", "MoEBlock", True)]
-    assert all(s["breaks"] >= len(unflagged["graph_breaks"]) for s in suggestions[:2])
+    first, *others = unflagged["suggested_leaves"]
+    assert (first["class"], first["names"], first["recommended"], first["why"]) == (
+        "MoEBlock", ["moe1", "moe2"], True, "innermost module holding the breaks")
+    assert first["breaks"] == len(unflagged["graph_breaks"]) + len(unflagged["skipped_frames"])
+    assert (first["params"], first["bytes"]) == (MOE_PARAMS, MOE_BYTES)  # one block is gathered at a time
+    assert first["after"] == {"graphs": 1, "breaks": 0, "recompiles": 0}
+    assert not any(s["recommended"] for s in others)
     check = unflagged["suggestion_check"]
     assert check["flagged"] == ["moe1", "moe2"]
     assert check["status"] == "checked"
     assert (check["breaks_after"], check["graphs_after"]) == (0, 1)
-    assert check["apply"] == "leafpass.set_z3_leaf_modules(model, ['MoEBlock'])"
+    assert check["apply"] == first["apply"] == "leafpass.set_z3_leaf_modules(model, ['MoEBlock'])"
 
 
 def test_half_flagged_module_target_with_kwargs():
@@ -221,9 +253,10 @@ def test_half_flagged_module_target_with_kwargs():
     for b in report["graph_breaks"]:
         # the stack cannot tell moe1 from moe2, but moe1 is called as an opaque leaf
         assert b["module"] == ["moe2"] and b["in_leaf"] is False
-    names = [s["name"] for s in report["suggested_leaves"]]
-    assert names[0] == "moe2"
+    assert report["suggested_leaves"][0]["names"] == ["moe2"]
+    names = [n for s in report["suggested_leaves"] for n in s["names"]]
     assert not any(n == "moe1" or n.startswith("moe1.") for n in names), "suggested a flagged module"
+    assert report["suggestion_check"]["status"] == "skipped (--no-verify)"
     assert report["prefetches"] == [{"leaf": "moe1", "params": MOE_PARAMS}]
 
 
@@ -236,7 +269,8 @@ def test_break_in_leaf_code_entered_through_forward():
     assert (b["module"], b["in_leaf"], b["function"]) == (["moe"], True, "MoEBlock.forward")
     assert b["user_stack"][0].endswith(f"test_explain.py:{_line_of(ForwardBypass.forward, 'forward(self.inp')} in forward")
     assert report["leaves"][0]["opaque_calls"] == 0
-    assert not any(s["name"].startswith("moe") for s in report["suggested_leaves"])
+    assert not any(n.startswith("moe") for s in report["suggested_leaves"] for n in s["names"])
+    assert report["break_causes"][0]["in_leaf"] is True
 
 
 # --------------------------------------------------------------------------- pieces, no compile
@@ -277,21 +311,79 @@ class Outer(nn.Module):
         return self.other(self.pair(x))
 
 
-def test_suggest_prefers_the_innermost_module_covering_a_subtree():
-    model = Outer()
-    index = ModuleIndex(model)
+def _event(*modules, in_leaf=False):
+    return {"module": list(modules), "in_leaf": in_leaf}
 
-    def event(*modules):
-        return {"module": list(modules)}
 
-    # breaks in pair.a and pair.b: pair covers both; root and flagged modules are never suggested
-    got = suggest_leaves(index, [event("pair.a"), event("pair.b"), event("")], [], [], [])
-    assert [(s["name"], s["breaks"], s["recommended"]) for s in got] == [("pair", 2, True)]
-    # only pair.a breaks: pair adds nothing over pair.a, which wins
-    got = suggest_leaves(index, [event("pair.a"), event("pair.a")], [], [], [])
-    assert [(s["name"], s["breaks"]) for s in got] == [("pair.a", 2)]
-    got = suggest_leaves(index, [event("pair.a"), event("other")], [], [event("other")], ["pair"])
-    assert [(s["name"], s["breaks"], s["recompiles"]) for s in got] == [("other", 1, 1)]
+def _picks(got):
+    return [(s["class"], s["names"], s["recommended"], s["breaks"]) for s in got]
+
+
+def test_suggest_the_innermost_module_holding_each_break():
+    index = ModuleIndex(Outer())
+    # breaks in pair.a and pair.b: both Linears (one group), the Pair around them only as an
+    # alternative; the root is never suggested
+    got = suggest_leaves(index, [_event("pair.a"), _event("pair.b"), _event("")], [], [], [])
+    assert _picks(got) == [("Linear", ["pair.a", "pair.b"], True, 2), ("Pair", ["pair"], False, 2)]
+    assert got[1]["why"] == "encloses a recommended module"
+    # a break in Pair's own code: Pair holds it, and a Linear inside it adds nothing
+    got = suggest_leaves(index, [_event("pair"), _event("pair.a")], [], [_event("pair.b")], [])
+    assert _picks(got) == [("Pair", ["pair"], True, 2), ("Linear", ["pair.a"], False, 1)]
+    assert (got[0]["recompiles"], got[0]["params"], got[0]["bytes"]) == (1, 4, 48)
+    # flagged modules, the ones inside them and breaks in leaf code are left out
+    got = suggest_leaves(index, [_event("pair.a", in_leaf=True), _event("other")], [_event("pair.b")], [], ["pair"])
+    assert _picks(got) == [("Linear", ["other"], True, 1)]
+
+
+def test_suggest_prefers_a_deepspeed_default_class_around_the_break():
+    moe = type("Qwen3MoeSparseMoeBlock", (nn.Module,), {
+        "__module__": "transformers.models.qwen3_moe.modeling_qwen3_moe",
+        "__init__": lambda self: (nn.Module.__init__(self), setattr(self, "experts", Pair()))[0],
+        "forward": lambda self, x: self.experts(x)})
+    layer = nn.Sequential(nn.Linear(2, 2), moe())
+    index = ModuleIndex(nn.Sequential(layer))
+    breaks = [_event("0.1.experts"), _event("0.1.experts")]
+    got = suggest_leaves(index, breaks, [], [], [], default_classes=leafpass.DEFAULT_LEAF_MODULE_CLASSES)
+    assert _picks(got) == [("Qwen3MoeSparseMoeBlock", ["0.1"], True, 2), ("Pair", ["0.1.experts"], False, 2),
+                           ("Sequential", ["0"], False, 2)]
+    assert got[0]["deepspeed_default"] is True and got[0]["why"] == "DeepSpeed default leaf class"
+    # without the default classes the innermost module wins
+    got = suggest_leaves(index, breaks, [], [], [], default_classes=())
+    assert _picks(got)[0] == ("Pair", ["0.1.experts"], True, 2)
+
+
+def test_deepspeed_default_leaf_classes_with_and_without_deepspeed():
+    deepspeed_default_leaf_classes.cache_clear()
+    try:
+        with mock.patch.dict(sys.modules, {"deepspeed.runtime.zero.leaf_module_config": None}):
+            assert deepspeed_default_leaf_classes() == leafpass.DEFAULT_LEAF_MODULE_CLASSES
+        deepspeed_default_leaf_classes.cache_clear()
+        pytest.importorskip("deepspeed")
+        from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+        assert deepspeed_default_leaf_classes() == tuple(DEFAULT_LEAF_MODULE_CLASSES)
+        assert set(DEFAULT_LEAF_MODULE_CLASSES) == set(leafpass.DEFAULT_LEAF_MODULE_CLASSES), "the copy is stale"
+    finally:
+        deepspeed_default_leaf_classes.cache_clear()
+
+
+def test_compact_module_names():
+    assert explain._compact_names(["model.layers.0.mlp", "model.layers.1.mlp"]) == ["model.layers.{0,1}.mlp"]
+    assert explain._compact_names(["a.0", "b", "a.1", "c.0.d"]) == ["a.{0,1}", "b", "c.0.d"]
+    assert explain._modules([]) == "(no module)" and explain._modules([""]) == "(root)"
+
+
+def test_first_line_of_error_takes_the_leafpass_error_in_the_chain():
+    try:
+        try:
+            try:
+                raise ValueError("inner")
+            except ValueError as exc:
+                raise leafpass.LeafShapeError("leafpass could not infer the outputs of leaf X\nmore") from exc
+        except leafpass.LeafShapeError:
+            raise RuntimeError("wrapper\nwith a long stack") from None  # as Dynamo raises
+    except RuntimeError as exc:
+        assert first_line_of_error(exc) == "LeafShapeError: leafpass could not infer the outputs of leaf X"
+    assert first_line_of_error(KeyError()) == "KeyError"
 
 
 def test_flagged_by_deepspeed_default_class():
@@ -377,3 +469,76 @@ def test_model_that_fails_compiled_exits_1(tmp_path, capsys):
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("leafpass explain: running ") and "ValueError: expected 3 rows" in last
     assert "bad_target.py:4" in last and captured.out == ""
+
+
+def test_a_check_that_fails_is_one_line():
+    code, out, err, _ = run_main(["tests.test_explain:build_picky", "--suggest", "--inner", "eager"])
+    assert code == 0, err
+    assert "Traceback" not in out + err
+    lines = [line for line in out.splitlines() if "check:" in line]
+    assert lines == ["  check: failed: with Picky flagged on a copy of the model, the model raised LeafShapeError: "
+                     "leafpass could not infer the outputs of leaf Picky: under fake tensors it raised a "
+                     "data-dependent error; on zero inputs it raised ValueError: Picky needs a nonzero input. "
+                     "Make the leaf's forward run on zero-filled inputs, or unflag it (module._z3_leaf = False)."]
+    assert "  to apply: leafpass.set_z3_leaf_modules(model, ['Picky'])" in out.splitlines()
+
+
+# --------------------------------------------------------------------------- a transformers model, as a new user runs it
+
+QWEN_TARGET = "examples/explain_qwen3_moe.py"
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe():
+    """``explain examples/explain_qwen3_moe.py --suggest`` on a tiny Qwen3-MoE: nothing flagged,
+    the eager experts loop, ``use_cache`` at its default (the layers receive a DynamicCache)."""
+    transformers = pytest.importorskip("transformers")
+    code, out, err, _ = run_main([QWEN_TARGET, "--json", "--suggest", "--inner", "eager"])
+    assert code == 0, err
+    experts = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts
+    return json.loads(out), _line_of(experts.forward, "nonzero(")
+
+
+@pytest.mark.transformers
+def test_qwen3_moe_breaks_are_one_line_per_cause(qwen3_moe):
+    report, nonzero_line = qwen3_moe
+    location = f"modeling_qwen3_moe.py:{nonzero_line}"
+    raw = [b for b in report["graph_breaks"] if b["location"].endswith(location)]
+    assert len(raw) > 1, "the issue's model breaks at the experts' nonzero once per compiled frame"
+    (cause,) = [c for c in report["break_causes"] if c["location"].endswith(location)]
+    assert cause == report["break_causes"][0]  # the most frequent first
+    assert cause["breaks"] == len(raw) and "aten.nonzero" in cause["reason"]
+    assert cause["module"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert cause["stack"][0].endswith("in Qwen3MoeForCausalLM.forward")
+    assert cause["stack"][-1] == f"{location} in Qwen3MoeExperts.forward"
+    assert cause["folded_frames"] > 0 and len(cause["stack"]) < len(max(b["user_stack"] for b in raw))
+    text = explain.render_text(report).splitlines()
+    section = text[text.index(next(t for t in text if t.startswith("graph breaks:"))):text.index("recompiles: "
+                                                                                                  f"{len(report['recompiles'])}")]
+    headlines = [t for t in section if t.startswith("  ") and t.split(".")[0].strip().isdigit()]
+    assert len(headlines) == len(report["break_causes"])
+    eager = f", {cause['eager_frames']} eager frames" if cause["eager_frames"] > 1 else ""
+    assert headlines[0].endswith(f"{location} in Qwen3MoeExperts.forward: {len(raw)} breaks{eager}"), headlines
+    assert sum(location in t for t in headlines) == 1
+    block = section[section.index(headlines[0]) + 1:section.index(headlines[1]) if len(headlines) > 1 else None]
+    assert [t.split(":")[0].strip() for t in block] == ["Dynamic shape operator", "module", "stack"]  # one stack
+
+
+@pytest.mark.transformers
+def test_qwen3_moe_suggests_the_sparse_moe_block_and_checks_it(qwen3_moe):
+    report, _ = qwen3_moe
+    recommended = [s for s in report["suggested_leaves"] if s["recommended"]]
+    assert [(s["class"], s["names"], s["deepspeed_default"]) for s in recommended] == [
+        ("Qwen3MoeSparseMoeBlock", ["model.layers.0.mlp", "model.layers.1.mlp"], True)]
+    (block,) = recommended
+    assert block["after"] == {"graphs": 1, "breaks": 0, "recompiles": 0}
+    others = {s["class"]: s for s in report["suggested_leaves"] if not s["recommended"]}
+    assert set(others) == {"Qwen3MoeExperts", "Qwen3MoeDecoderLayer"}
+    assert others["Qwen3MoeDecoderLayer"]["params"] > block["params"]  # a layer gathers more at once
+    assert others["Qwen3MoeDecoderLayer"]["after"] is None  # not checked
+    check = report["suggestion_check"]
+    assert (check["status"], check["graphs_after"], check["breaks_after"]) == ("checked", 1, 0)
+    assert check["apply"] == "leafpass.set_z3_leaf_modules(model, ['Qwen3MoeSparseMoeBlock'])"
+    lines = [t for t in explain.render_text(report).splitlines() if "check:" in t]
+    assert len(lines) == 1 and lines[0].startswith(
+        "  check: with Qwen3MoeSparseMoeBlock flagged on a copy of the model: 1 graph, 0 breaks, 0 recompiles (before: ")

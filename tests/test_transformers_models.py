@@ -36,7 +36,7 @@ import torch._dynamo
 transformers = pytest.importorskip("transformers")
 
 import leafpass  # noqa: E402
-from tests.compile_case import CompileTestCase  # noqa: E402
+from tests.compile_case import CompileTestCase, assert_same_grads  # noqa: E402
 
 pytestmark = pytest.mark.transformers
 
@@ -187,15 +187,63 @@ def test_one_graph_and_parity_with_eager(kind, impl):
         torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6, msg=f"logits, step {step}")
         out.loss.backward()
         ref.loss.backward()
-        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-            assert (p.grad is None) == (q.grad is None), f"grad presence of {name}, step {step}"
-            if p.grad is not None:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"grad of {name}, step {step}")
+        assert_same_grads(model, reference, f"step {step}")
         assert any(p.grad is not None for p in model.model.layers[-1].mlp.parameters())
 
     assert len(graphs) == 1, f"{len(graphs)} graphs (a recompile or a break)"
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
     check_leaf_calls(graphs[0], EXPECTED_LEAVES[kind], LEAF_CLASS[kind])
+
+
+# --------------------------------------------------------------------------- whole decoder layers as leaves
+
+#: Whole decoder layers flagged (what ``stage3_module_granularity_threshold`` does by
+#: itself): each layer's call takes the rotary ``(cos, sin)`` tuple, ``None``s, a
+#: ``use_cache`` bool and, with ``use_cache`` at its default, the ``DynamicCache`` it updates.
+DECODER_LAYER = {"llama": "LlamaDecoderLayer", "mixtral": "MixtralDecoderLayer", "qwen3_moe": "Qwen3MoeDecoderLayer"}
+
+
+def build_with_layers(kind: str):
+    if kind != "llama":
+        return build(kind, "eager")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                      num_hidden_layers=2, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.AutoModelForCausalLM.from_config(config).train()
+
+
+@pytest.mark.parametrize("use_cache", [None, False], ids=["use_cache_default", "use_cache_false"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "llama"])
+def test_whole_decoder_layers_as_leaves(kind, use_cache):
+    model = build_with_layers(kind)
+    leafpass.set_z3_leaf_modules(model, [DECODER_LAYER[kind]])
+    layers = [f"model.layers.{i}" for i in range(len(model.model.layers))]
+    assert leaf_names(model) == layers
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="z3leaf", options={"inner": "eager"}, fullgraph=True)
+    generator = torch.Generator().manual_seed(1)
+    graphs = []
+    for step in range(2):
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+        with leafpass.record_graphs() as rec:
+            out = compiled(input_ids=ids, labels=ids, use_cache=use_cache)
+        graphs += rec.graphs
+        ref = reference(input_ids=ids, labels=ids, use_cache=use_cache)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6, msg=f"logits, step {step}")
+        if use_cache is None:  # the cache the layers filled, layer by layer, equals eager's
+            assert type(out.past_key_values) is type(ref.past_key_values)
+            assert len(out.past_key_values.layers) == len(ref.past_key_values.layers) == len(layers)
+            for mine, theirs in zip(out.past_key_values.layers, ref.past_key_values.layers):
+                torch.testing.assert_close(mine.keys, theirs.keys)
+                torch.testing.assert_close(mine.values, theirs.values)
+        else:
+            assert out.past_key_values is None
+        out.loss.backward()
+        ref.loss.backward()
+        assert_same_grads(model, reference, f"step {step}")
+    assert len(graphs) == 1, f"{len(graphs)} graphs (a recompile or a break)"
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    check_leaf_calls(graphs[0], layers, DECODER_LAYER[kind])
 
 
 # --------------------------------------------------------------------------- one decoder layer

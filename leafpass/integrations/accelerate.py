@@ -36,6 +36,7 @@ import sys
 import warnings
 
 from ..versions import in_range
+from .after_import import call_after_import
 
 __all__ = ["SUPPORTED", "SUPPORTED_TEXT", "TESTED", "install", "install_when_imported", "installed"]
 
@@ -127,55 +128,8 @@ def _leafpass_member(cls, value: str):
     return member
 
 
-class _PatchAfterImport:  # a sys.meta_path finder (importlib.abc.MetaPathFinder's protocol)
-    """Finds nothing itself: wraps the loader of ``accelerate.utils.dataclasses`` so that the
-    module is patched right after it runs, then leaves ``sys.meta_path``."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _MODULE:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _PatchingLoader(spec.loader)
-        return spec
-
-
-class _PatchingLoader:  # importlib.abc.Loader's protocol, the rest delegated
-    def __init__(self, loader) -> None:
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        _remove_hook()
-        _patch(module)
-
-    def __getattr__(self, name):  # get_source, get_code, ...: the real loader's
-        return getattr(self._loader, name)
-
-
-_hook = _PatchAfterImport()
-
-
-def _remove_hook() -> None:
-    if _hook in sys.meta_path:
-        sys.meta_path.remove(_hook)
-
-
 def install_when_imported() -> None:
     """Patch accelerate now if it is imported, else right after it is (``import leafpass``
     calls this; it imports nothing)."""
-    module = sys.modules.get(_MODULE)
-    if module is not None:
-        _patch(module)
-    elif _hook not in sys.meta_path:
-        sys.meta_path.insert(0, _hook)
+    if not installed():
+        call_after_import(_MODULE, _patch)

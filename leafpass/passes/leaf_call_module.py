@@ -40,6 +40,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from ..dynamo_internals import invoke_leaf_function_op, leaf_module_state_type, leaf_node_parts, module_by_index
+from ..leaf_arguments import BuildArgument, ReadObjectStates, has_object_state, is_object_state
 from ..leaf_call import META_KEY, LeafCall, qualname_from_source
 from ..names import qualname_of
 
@@ -100,6 +101,73 @@ def _emit_unflatten(graph: torch.fx.Graph, root: torch.fx.Node, spec) -> list[to
     return flat
 
 
+#: ``meta`` key of the nodes that build a leaf's arguments and read them back after its
+#: call: they run in the leaf's piece, beside its ``call_module``
+ARGUMENT_META = "leafpass_leaf_argument"
+
+
+class _BuiltArguments:
+    """The ``call_module``'s ``(args, kwargs)``, and the build nodes of its object arguments."""
+
+    def __init__(self) -> None:
+        self.call: tuple[tuple, dict] = ((), {})
+        self.objects: list[tuple[torch.fx.Node, object]] = []  # (build node, its template)
+
+
+_WRITABLE_LEAVES = (torch.fx.Node, type(None), bool, int, float, str, torch.dtype, torch.device, slice,
+                    type(Ellipsis))
+
+
+def _writable(value) -> bool:
+    """True when FX can write ``value`` as code: nodes, plain constants, tuples, lists, dicts
+    of them (not an enum or a ``ModelOutput``: FX writes their ``repr``, or a plain dict)."""
+    if type(value) in (tuple, list, dict) or (isinstance(value, tuple) and hasattr(value, "_fields")):
+        children = value.values() if isinstance(value, dict) else value
+        return all(_writable(v) for v in children)
+    return isinstance(value, _WRITABLE_LEAVES)
+
+
+def _build_arguments(graph: torch.fx.Graph, leaf: str, call_args, call_kwargs) -> _BuiltArguments:
+    """Pass each argument FX cannot write (a ``ModelOutput``, an object passed by state,
+    see ``leafpass.leaf_arguments``) through a node that builds it from its flat values."""
+    built = _BuiltArguments()
+
+    def build(value, label: str):
+        if _writable(value):
+            return value
+        flat, spec = pytree.tree_flatten(value)
+        kind = type(value).__name__ if not is_object_state(value) else value.cls.__name__
+        node = graph.call_function(BuildArgument(spec, kind), tuple(flat))
+        node.meta[ARGUMENT_META] = label
+        if has_object_state(value):
+            built.objects.append((node, value))
+        return node
+
+    args = tuple(build(v, f"args[{i}]") for i, v in enumerate(call_args))
+    kwargs = {k: build(v, k) for k, v in dict(call_kwargs).items()}
+    built.call = (args, kwargs)
+    return built
+
+
+def _emit_read_states(graph: torch.fx.Graph, leaf: str, built: _BuiltArguments, states_spec) -> list[torch.fx.Node]:
+    """Nodes that read the new states of the leaf's object arguments after its call, one
+    flat node per tensor, in the order of the states' spec."""
+    flat: list[torch.fx.Node] = []
+    first = 0
+    for node, template in built.objects:
+        count = sum(1 for s in pytree.tree_leaves(template, is_leaf=is_object_state) if is_object_state(s))
+        expected = [states_spec.child(i) for i in range(first, first + count)]
+        first += count
+        kind = node.target.__name__.removeprefix("build_")
+        read = graph.call_function(ReadObjectStates(template, expected, leaf, kind), (node,))
+        read.meta[ARGUMENT_META] = node.meta[ARGUMENT_META]
+        for j in range(sum(spec.num_leaves for spec in expected)):
+            item = graph.call_function(operator.getitem, (read, j))
+            item.meta[ARGUMENT_META] = node.meta[ARGUMENT_META]
+            flat.append(item)
+    return flat
+
+
 def _leaf_call_parts(gm: torch.fx.GraphModule, node: torch.fx.Node):
     """``(LeafModuleState, call args, call kwargs)`` of a leafpass leaf node."""
     state, call_args, call_kwargs = leaf_node_parts(gm, node).args
@@ -143,12 +211,17 @@ def leaf_call_module_pass(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         params = list(dict.fromkeys(state.named_parameters.values()))
 
         with graph.inserting_before(node):
-            call = graph.call_module(name, tuple(call_args), dict(call_kwargs))
+            built = _build_arguments(graph, name, call_args, call_kwargs)
+            call = graph.call_module(name, *built.call)
             call.meta[META_KEY] = LeafCall(name=name, module=module, params=params)
             call.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
             if CHECKPOINT_META in node.meta:  # a leaf from a checkpoint region (inline_checkpoint)
                 call.meta[CHECKPOINT_META] = node.meta[CHECKPOINT_META]
-            flat_outs = _emit_unflatten(graph, call, out_spec)
+            if built.objects:  # the leaf returned (output, new states of its object arguments)
+                flat_outs = _emit_unflatten(graph, call, out_spec.child(0))
+                flat_outs += _emit_read_states(graph, name, built, out_spec.child(1))
+            else:
+                flat_outs = _emit_unflatten(graph, call, out_spec)
 
         example = node.meta.get("example_value")
         for user in list(node.users):

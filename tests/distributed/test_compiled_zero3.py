@@ -526,9 +526,10 @@ def _mismatched_flags_body(rank: int, world_size: int, gather: str = "auto") -> 
 def mismatched_flags_run() -> tuple[DistributedRunError, float]:
     start = time.monotonic()
     with pytest.raises(DistributedRunError) as info:
-        # gather="hooks": the leaf schedule check of the compiled program (which names the
-        # leaves) is the first to see the difference; "step" and "module" see it earlier,
-        # in the cross-rank gather check (test_gather_policies.py)
+        # gather="hooks": the check of the flagged leaves at the first compiled call
+        # (schedule_check.check_same_leaves, which names them) sees the difference before
+        # any collective of the step; "step" and "module" see it in the cross-rank gather
+        # check (test_gather_policies.py)
         run_ranks(_mismatched_flags_body, "hooks", world_size=2, timeout=150, pg_timeout=30)
     return info.value, time.monotonic() - start
 

@@ -91,6 +91,14 @@ def _body(rank: int, world_size: int) -> dict:
 
     swap = ds.plain_linear_swap()
     out["linear_swap"] = swap is not None and swap[0] is F.linear and swap[1] is not F.linear
+    # the leaf marks and the shard location the configuration checks read
+    out["leaf_when_hooked"] = {"moe1": ds.leaf_when_hooked(root.moe1), "root": ds.leaf_when_hooked(root)}
+    out["leaf_marks"] = sorted({n.split(".")[0] for n, p in root.named_parameters()
+                                if getattr(p, "ds_z3_leaf_module", None) is not None})
+    out["on_nvme"] = any(ds._on_nvme(p.ds_tensor) for p in params)
+    out["shard_locations"] = sorted({str(getattr(p.ds_tensor, "final_location", None)) for p in params})
+    out["root_flagged_by_threshold"] = ds.root_flagged_by_threshold(owner, root)
+    out["emptied_when_nothing_kept"] = ds.empty_released_data(params)
     return out
 
 
@@ -139,3 +147,20 @@ def test_what_the_module_gather_relies_on(facts):
         assert f["in_flight_after_start"] and f["available_after_wait"]
         assert f["start_wait_collectives"] == {"all_gather": 1}, f["start_wait_collectives"]
         assert f["linear_swap"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_leaf_marks_threshold_and_shard_location(facts):
+    """What the configuration checks read: DeepSpeed marks the parameters of leaves flagged
+    before ``deepspeed.initialize`` (``ds_z3_leaf_module``), so a module with unmarked
+    hooked children (the root here) is not one DeepSpeed hooked as a leaf; without
+    ``stage3_module_granularity_threshold`` nothing was flagged by threshold; shards in
+    memory are not on NVMe (``final_location`` unset or DeepSpeed's ``'not-nvme'``);
+    released parameters hold no data to empty (no fast sharding without a threshold)."""
+    for rank, f in enumerate(facts):
+        assert f["leaf_when_hooked"] == {"moe1": True, "root": False}, (rank, f["leaf_when_hooked"])
+        assert f["leaf_marks"] == ["moe1", "moe2"], (rank, f["leaf_marks"])
+        assert not f["on_nvme"] and set(f["shard_locations"]) <= {"None", "not-nvme"}, (rank, f["shard_locations"])
+        assert f["root_flagged_by_threshold"] is None, rank
+        assert f["emptied_when_nothing_kept"] == 0, rank

@@ -17,7 +17,8 @@ Runs (each a fixture shared by the tests that read it):
   explicit ``hooks`` (DeepSpeed's hooks, graph breaks, still exact), and through
   ``torch.compile(engine.module, fullgraph=True)`` instead of ``engine.compile``;
 * ``three_ranks``: world size 3, GA 2, step and module;
-* ``mixtral``: a tiny Hugging Face Mixtral with eager experts, 50 steps of changing routing;
+* ``mixtral``: a tiny Hugging Face Mixtral with eager experts, 50 steps of changing routing,
+  and 8 steps with whole decoder layers flagged (each call takes the ``DynamicCache``);
 * failures: an exception inside the compiled step on one rank, and ranks that would
   gather different parameters.
 """
@@ -63,6 +64,18 @@ POLICY = {"default_auto_inductor": "step", "ga2_noncontiguous": "step", "strict_
 MIXTRAL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
 MIXTRAL_STEPS = 50
+MIXTRAL_LAYER_STEPS = 8  # with whole decoder layers as leaves (use_cache at its default)
+# whole decoder layers of a Qwen3-MoE (eager experts) and a dense Llama as the only leaves
+LAYER_MODELS = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeDecoderLayer",
+                  dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)),
+    "llama": ("LlamaConfig", "LlamaDecoderLayer",
+              dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+}
+LAYER_MODEL_STEPS = 4
 
 
 # ----------------------------------------------------------------- what runs on each rank
@@ -200,17 +213,49 @@ def _mixtral_body(rank: int, world_size: int) -> dict:
                                                          experts_implementation="eager")
     base.train()
     out = {}
-    for mode in ("eager", "compiled"):
+    for mode in ("eager", "compiled", "decoder_layers"):
         torch._dynamo.reset()
-        engine = _engine(copy.deepcopy(base), zero3_config(1))  # DeepSpeed flags the MoE blocks
-        if mode == "compiled":
+        model = copy.deepcopy(base)
+        if mode == "decoder_layers":  # whole layers as leaves: each call takes the DynamicCache
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, ["MixtralDecoderLayer"])
+        engine = _engine(model, zero3_config(1))  # DeepSpeed flags the MoE blocks
+        if mode != "eager":
             engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": "aot_eager"}})
 
         def batch(micro):  # new tokens every step: the routing changes every step
             gen = torch.Generator().manual_seed(100 * rank + micro)
             return torch.randint(0, MIXTRAL["vocab_size"], (2, 8), generator=gen)
 
-        out[mode] = _train(engine, lambda ids: engine(input_ids=ids, labels=ids).loss, MIXTRAL_STEPS, batch)
+        steps = MIXTRAL_LAYER_STEPS if mode == "decoder_layers" else MIXTRAL_STEPS
+        out[mode] = _train(engine, lambda ids: engine(input_ids=ids, labels=ids).loss, steps, batch)
+    for name, (config_cls, layer_cls, config) in LAYER_MODELS.items():
+        out[name] = _decoder_layers_run(rank, getattr(transformers, config_cls)(**config), layer_cls)
+    return out
+
+
+def _decoder_layers_run(rank: int, config, layer_cls: str) -> dict:
+    """Eager ZeRO-3 and z3leaf with every decoder layer flagged (and nothing else)."""
+    import transformers
+    from deepspeed.utils import set_z3_leaf_modules
+
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager").train()
+    set_z3_leaf_modules(base, [layer_cls])
+    out = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        engine = _engine(copy.deepcopy(base), zero3_config(1, zero_optimization={"leaf_module": {"classes": [layer_cls]}}))
+        if mode == "compiled":
+            engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": "aot_eager"}})
+
+        def batch(micro):
+            gen = torch.Generator().manual_seed(100 * rank + micro)
+            return torch.randint(0, config.vocab_size, (2, 8), generator=gen)
+
+        out[mode] = _train(engine, lambda ids: engine(input_ids=ids, labels=ids).loss, LAYER_MODEL_STEPS, batch)
+    out["leaves"] = sorted(n for n, m in base.named_modules() if getattr(m, "_z3_leaf", False))
     return out
 
 
@@ -353,6 +398,29 @@ def test_mixtral_50_steps_of_changing_routing_one_graph_no_recompiles(mixtral):
         _assert_one_graph(res["compiled"], f"mixtral rank {rank}")
         assert len(res["compiled"]["losses"]) == MIXTRAL_STEPS
         _assert_parity(res["eager"], res["compiled"], f"mixtral rank {rank}")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_mixtral_whole_decoder_layers_as_leaves_take_the_cache_one_graph(mixtral):
+    # each layer's call takes the DynamicCache the model makes (use_cache at its default)
+    for rank, res in enumerate(mixtral):
+        run = res["decoder_layers"]
+        _assert_one_graph(run, f"mixtral decoder layers rank {rank}")
+        eager = res["eager"]["losses"][:MIXTRAL_LAYER_STEPS]
+        diffs = [abs(a - b) for a, b in zip(eager, run["losses"])]
+        assert len(run["losses"]) == MIXTRAL_LAYER_STEPS and max(diffs) <= TOL, (rank, eager, run["losses"])
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("name", list(LAYER_MODELS))
+def test_whole_decoder_layers_of_qwen3_moe_and_llama_as_leaves_match_eager_zero3(mixtral, name):
+    for rank, res in enumerate(mixtral):
+        run = res[name]
+        assert run["leaves"] == ["model.layers.0", "model.layers.1"], (name, run["leaves"])
+        _assert_one_graph(run["compiled"], f"{name} decoder layers rank {rank}")
+        _assert_parity(run["eager"], run["compiled"], f"{name} decoder layers rank {rank}")
 
 
 # ------------------------------------------------------------------------------- failures
