@@ -60,6 +60,8 @@ from .versions import in_range
 __all__ = [
     "LEAF_OUTPUTS_FLAT",
     "LeafNodeParts",
+    "EARLY_TORCH",
+    "EARLY_TORCH_ENV",
     "SUPPORTED_TORCH",
     "assume_constant_result",
     "backend_chain",
@@ -89,16 +91,38 @@ __all__ = [
     "tracing_compiler_fn",
 ]
 
-SUPPORTED_TORCH = ((2, 11), (2, 15))  # [min, max)
+SUPPORTED_TORCH = ((2, 13), (2, 15))  # [min, max)
+EARLY_TORCH = ((2, 11), (2, 13))  # runs when asked for (EARLY_TORCH_ENV); known gaps below
+EARLY_TORCH_ENV = "LEAFPASS_EARLY_TORCH"
+EARLY_TORCH_GAPS = (
+    "leaf arguments that are Python objects (a DynamicCache, a dataclass) fail in Dynamo "
+    "(torch 2.11); activation checkpointing under strict ZeRO-3 limits fails in backward"
+)
 
 
-def check_torch_version(version: str = torch.__version__) -> None:
-    if not in_range(version, *SUPPORTED_TORCH):
-        raise RuntimeError(
-            f"leafpass relies on private parts of torch._dynamo that it supports for torch "
-            f">=2.11,<2.15 (tested with 2.11.0, 2.13.0 and 2.14.1); found torch {version}. "
-            f"Install a supported version (pip install 'torch==2.13.0')."
+def check_torch_version(version: str = torch.__version__, environ=None) -> None:
+    """Refuse a torch outside the supported range; torch 2.11 and 2.12 run when
+    ``LEAFPASS_EARLY_TORCH=1`` asks for them, with a warning naming what is known to fail."""
+    import os
+
+    if in_range(version, *SUPPORTED_TORCH):
+        return
+    early = in_range(version, *EARLY_TORCH)
+    if early and (environ if environ is not None else os.environ).get(EARLY_TORCH_ENV) == "1":
+        import warnings
+
+        warnings.warn(
+            f"leafpass runs on an early torch ({version}) because {EARLY_TORCH_ENV}=1; most of the "
+            f"suite passes on torch 2.11, but {EARLY_TORCH_GAPS}. Use torch>=2.13,<2.15 for full support.",
+            stacklevel=2,
         )
+        return
+    raise RuntimeError(
+        f"leafpass relies on private parts of torch._dynamo that it supports for torch "
+        f">=2.13,<2.15 (tested with 2.13.0 and 2.14.1); found torch {version}. "
+        f"Install a supported version (pip install 'torch==2.13.0')"
+        + (f", or set {EARLY_TORCH_ENV}=1 to run it on torch 2.11/2.12 with known gaps." if early else ".")
+    )
 
 
 def _output_graph():

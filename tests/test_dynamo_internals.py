@@ -24,12 +24,20 @@ def fresh_dynamo():
 
 
 def test_torch_version_check():
-    for version in ("2.11.0+cu130", "2.12.1", "2.13.0+cpu", "2.14.1"):
-        internals.check_torch_version(version)
-    with pytest.raises(RuntimeError, match=r">=2.11,<2.15 .*found torch 2.16.0"):
-        internals.check_torch_version("2.16.0")
-    with pytest.raises(RuntimeError, match=r"found torch 2.10.0.*pip install 'torch==2.13.0'"):
-        internals.check_torch_version("2.10.0")
+    for version in ("2.13.0+cpu", "2.14.1"):
+        internals.check_torch_version(version, environ={})
+    with pytest.raises(RuntimeError, match=r">=2.13,<2.15 .*found torch 2.16.0.*'torch==2.13.0'\)\.$"):
+        internals.check_torch_version("2.16.0", environ={})
+    with pytest.raises(RuntimeError, match=r"found torch 2.10.0.*'torch==2.13.0'\)\.$"):
+        internals.check_torch_version("2.10.0", environ={"LEAFPASS_EARLY_TORCH": "1"})
+
+
+def test_torch_2_11_and_2_12_run_when_asked_for_with_a_warning():
+    for version in ("2.11.0+cu130", "2.12.0"):
+        with pytest.raises(RuntimeError, match=r"set LEAFPASS_EARLY_TORCH=1 to run it on torch 2.11/2.12"):
+            internals.check_torch_version(version, environ={})
+        with pytest.warns(UserWarning, match=r"early torch \(2.1[12].*because LEAFPASS_EARLY_TORCH=1.*DynamicCache.*checkpointing"):
+            internals.check_torch_version(version, environ={"LEAFPASS_EARLY_TORCH": "1"})
 
 
 def test_leaf_function_api_is_the_one_this_torch_has():
