@@ -13,12 +13,14 @@ from typing import Any
 import torch.fx
 
 from .capture import annotate_input_sources, warn_if_call_replaced
+from .dynamo_internals import hold_compiling_flag_until_compile_end
 from .graph_nodes import gather_info_of
 from .lower import lower
 from .module_plan import current_plan
 from .options import INNER_COMPILERS, OPTIONS, check_options
 from .passes import MODULE_GATHER_PIPELINE, run_passes
 from .passes.check_stand_ins import check_stand_ins
+from .ops import holds_host_state_op
 from .record import notify_graph
 
 __all__ = ["OPTIONS", "INNER_COMPILERS", "make_backend", "z3leaf_backend", "resolve_inner"]
@@ -32,14 +34,39 @@ def resolve_inner(inner: Any, mode: str | None = None) -> Callable:
 
         if mode and mode != "default":
             patches = torch._inductor.list_mode_options(mode)
-            return lambda gm, ex: compile_fx(gm, ex, config_patches=patches)
+            return lambda gm, ex: compile_fx(gm, ex, config_patches=_piece_patches(gm, patches))
         return compile_fx
     from torch._dynamo.backends.registry import lookup_backend
 
     return lookup_backend(inner)
 
 
+def _piece_patches(gm: torch.fx.GraphModule, patches: dict[str, Any]) -> dict[str, Any]:
+    """Inductor's settings for one compiled piece: CUDA graphs (``mode="reduce-overhead"``)
+    off for a piece that calls a leafpass op, whose host-side work a replay would skip."""
+    if not patches.get("triton.cudagraphs") or not holds_host_state_op(gm):
+        return patches
+    if not _warned_cudagraphs:
+        import warnings
+
+        _warned_cudagraphs.append(True)
+        warnings.warn(
+            "leafpass: mode='reduce-overhead' compiles the pieces that gather parameters "
+            "(prefetch_start, gather_start/gather_wait) without CUDA graphs: a replay would skip "
+            "their host-side work. The other pieces keep CUDA graphs; gather='step' keeps gathers "
+            "out of the graph altogether.",
+            stacklevel=2,
+        )
+    return {**patches, "triton.cudagraphs": False}
+
+
+_warned_cudagraphs: list[bool] = []
+
+
 def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
+    # the passes, the lowering and Dynamo's guards built after them read the model as a
+    # compile does (torch 2.11 does not hold is_compiling() there: see dynamo_internals)
+    hold_compiling_flag_until_compile_end()
     checked = check_options(options)
     warn_if_call_replaced()
     annotate_input_sources(gm)

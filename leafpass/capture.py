@@ -64,6 +64,7 @@ def _leafpass_module_call(self: nn.Module, *args, **kwargs):
         # getattr, not flags.z3_leaf_module: Dynamo guards this read as the user wrote it
         # (``L['self'].moe._z3_leaf == True``), the guard that recompiles on a flag change
         if _tracing_for_leafpass() and getattr(self, "_z3_leaf", False):
+            internals.hold_compiling_flag_for_leaf_call()
             return _call_leaf(self, args, kwargs)
         return _original_call(self, *args, **kwargs)
     # Only builtins and Dynamo-disabled functions are called from here on before the
@@ -214,23 +215,29 @@ def _call_leaf(module: nn.Module, args: tuple, kwargs: dict):
     (see ``leafpass.leaf_arguments``)."""
     args, kwargs, objects = states_of_objects(type(module).__name__, args, kwargs)
     if not objects:
-        return run_leaf(module, args, kwargs)
-    out, states = run_leaf(module, args, kwargs)
+        return internals.structured_leaf_outputs(run_leaf(module, args, kwargs))
+    out, states = internals.structured_leaf_outputs(run_leaf(module, args, kwargs))
     apply_states(objects, states)
     return out
 
 
 @leaf_function
 def run_leaf(module: nn.Module, args: tuple, kwargs: dict):
-    """The leaf's call as Dynamo records it: one opaque node (rewritten by the passes)."""
-    return call_with_objects(lambda *a, **k: _original_call(module, *a, **k), type(module).__name__, args, kwargs)
+    """The leaf's call as Dynamo records it: one opaque node (rewritten by the passes).
+
+    What it returns is flattened for torch 2.11's ``leaf_function`` (see
+    :func:`leafpass.dynamo_internals.flat_leaf_outputs`)."""
+    out = call_with_objects(lambda *a, **k: _original_call(module, *a, **k), type(module).__name__, args, kwargs)
+    return internals.flat_leaf_outputs(out, fake_run=False)
 
 
 @run_leaf.register_fake
 def _run_leaf_fake(module: nn.Module, args: tuple, kwargs: dict):
     _local.inferring_shapes = True
     try:
-        return shape_inference.infer_leaf_outputs(module, args, kwargs)
+        with internals.compiling_flag_held():
+            out = shape_inference.infer_leaf_outputs(module, args, kwargs)
+        return internals.flat_leaf_outputs(out, fake_run=True)
     finally:
         _local.inferring_shapes = False
 
