@@ -67,6 +67,10 @@ def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any
     # the passes, the lowering and Dynamo's guards built after them read the model as a
     # compile does (torch 2.11 does not hold is_compiling() there: see dynamo_internals)
     hold_compiling_flag_until_compile_end()
+    return _compile_held(gm, example_inputs, options, mode)
+
+
+def _compile_held(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
     checked = check_options(options)
     warn_if_call_replaced()
     annotate_input_sources(gm)
