@@ -96,7 +96,7 @@ def _body(rank: int, world_size: int) -> dict:
     out["leaf_when_hooked"] = {"moe1": ds.leaf_when_hooked(root.moe1), "root": ds.leaf_when_hooked(root)}
     out["leaf_marks"] = sorted({n.split(".")[0] for n, p in root.named_parameters()
                                 if getattr(p, "ds_z3_leaf_module", None) is not None})
-    out["on_nvme"] = any(ds._on_nvme(p.ds_tensor) for p in params)
+    out["on_nvme"] = any(deepspeed_shards._on_nvme(p.ds_tensor) for p in params)
     out["shard_locations"] = sorted({str(getattr(p.ds_tensor, "final_location", None)) for p in params})
     out["root_flagged_by_threshold"] = ds.root_flagged_by_threshold(owner, root)
     out["emptied_when_nothing_kept"] = ds.empty_released_data(params)
