@@ -32,7 +32,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("passes", ("leafpass.passes",)),
     ("lowering", ("leafpass.lower", "leafpass.schedule_check", "leafpass.format")),
     ("engines", (
-        "leafpass.runtime.deepspeed_shards", "leafpass.runtime.deepspeed", "leafpass.runtime.deepspeed_module",
+        "leafpass.runtime.deepspeed_shards", "leafpass.runtime.deepspeed", "leafpass.runtime.deepspeed_runtime",
+        "leafpass.runtime.deepspeed_module",
         "leafpass.runtime.deepspeed_gatherer",
     )),
     ("backend", ("leafpass.backend",)),

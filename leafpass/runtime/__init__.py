@@ -21,7 +21,7 @@ build its runtime and its gatherer; an engine's module (and the engine itself) i
 only when an object carrying its mark shows up. A new engine plugs in with one entry::
 
     ENGINES:  Engine("deepspeed", mark="ds_id",
-                     runtime="leafpass.runtime.deepspeed:deepspeed_runtime",
+                     runtime="leafpass.runtime.deepspeed_runtime:deepspeed_runtime",
                      gatherer="leafpass.runtime.deepspeed_gatherer:gatherer_for_root")
 """
 
@@ -148,7 +148,7 @@ ENGINES: list[Engine] = [
     Engine(
         "deepspeed",
         mark="ds_id",
-        runtime="leafpass.runtime.deepspeed:deepspeed_runtime",
+        runtime="leafpass.runtime.deepspeed_runtime:deepspeed_runtime",
         gatherer="leafpass.runtime.deepspeed_gatherer:gatherer_for_root",
         version="leafpass.runtime.deepspeed:check_deepspeed_version",
     ),

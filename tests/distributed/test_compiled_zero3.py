@@ -59,7 +59,7 @@ class _CountingRuntime:
     name = "counting-deepspeed"
 
     def __init__(self, names: dict[int, str]) -> None:
-        from leafpass.runtime.deepspeed import deepspeed_runtime
+        from leafpass.runtime.deepspeed_runtime import deepspeed_runtime
 
         self.inner = deepspeed_runtime()
         self.names = names  # id(module) -> qualified name in the model

@@ -53,7 +53,7 @@ def _instrument(engine, counter, prefetch: bool, current: dict, leaves: tuple[st
     output and input bracket the leaf's backward: DeepSpeed's pre-backward fetch runs right
     after the first and its post-backward release right after the second.
     """
-    from leafpass.runtime.deepspeed import deepspeed_runtime
+    from leafpass.runtime.deepspeed_runtime import deepspeed_runtime
 
     # Test-only peek at DeepSpeed's live-parameter count (private, name-mangled), which the
     # coordinator adds to when it gathers and subtracts from when it releases.
@@ -202,7 +202,7 @@ def _runtime_facts(model) -> dict:
     import deepspeed.comm.comm as ds_comm
 
     from leafpass.runtime import logical_shape, runtime_for
-    from leafpass.runtime.deepspeed import DeepSpeedRuntime, deepspeed_runtime
+    from leafpass.runtime.deepspeed_runtime import DeepSpeedRuntime, deepspeed_runtime
 
     params = list(model.moe1.parameters())
     runtime = runtime_for(params)
@@ -381,7 +381,7 @@ def _failing_body(rank: int, world_size: int, fail_rank: int, fail_step: int) ->
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
-    from leafpass.runtime.deepspeed import deepspeed_runtime
+    from leafpass.runtime.deepspeed_runtime import deepspeed_runtime
     from leafpass.testing.models import MoEBlock, TwoMoE
 
     torch.manual_seed(0)
