@@ -14,6 +14,7 @@ import torch.fx
 
 from .capture import annotate_input_sources
 from .gather import GATHER_POLICIES, check_gather
+from .leaf_compile import LEAF_COMPILE_MODES, LeafCompiler, check_leaf_compile
 from .lower import lower
 from .passes import MODULE_GATHER_PIPELINE, run_passes
 from .passes.check_stand_ins import check_stand_ins
@@ -30,6 +31,7 @@ OPTIONS: Mapping[str, str] = {
                        "(default: the engine's prefetch bucket, DeepSpeed stage3_prefetch_bucket_size)",
     "prefetch_distance": "gather='module': start each gather this many buckets early "
                          "(default: 1, or 0 when the engine's prefetch bucket is 0)",
+    "leaf_compile": f"how each leaf's own forward runs: one of {list(LEAF_COMPILE_MODES)} (default 'off')",
 }
 
 
@@ -42,8 +44,10 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         valid = ", ".join(f"{k!r} ({v})" for k, v in OPTIONS.items())
         raise ValueError(f"unknown z3leaf option(s) {unknown}; valid options: {valid}")
-    checked = {"inner": "inductor", "gather": "auto", "bucket_elements": None, "prefetch_distance": None, **options}
+    checked = {"inner": "inductor", "gather": "auto", "bucket_elements": None, "prefetch_distance": None,
+               "leaf_compile": "off", **options}
     check_gather(checked["gather"])
+    check_leaf_compile(checked["leaf_compile"])
     for key in ("bucket_elements", "prefetch_distance"):
         value = checked[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -86,7 +90,10 @@ def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any
         check_stand_ins(gm, list(example_inputs), plan.is_stand_in, plan.param_names)
         inner = _recomputing(checked["inner"], mode)
     notify_graph(gm)
-    program = lower(gm, list(example_inputs), inner)
+    leaf_compiler = None
+    if checked["leaf_compile"] == "inner":
+        leaf_compiler = LeafCompiler(resolve_inner(checked["inner"], mode), (checked["inner"], mode))
+    program = lower(gm, list(example_inputs), inner, leaf_compiler)
     if plan is not None:  # the gather ops find their buckets while the program holds them
         program.gather_buckets = [info.bucket for node in gm.graph.nodes if (info := node.meta.get(GATHER_META))]
     return program

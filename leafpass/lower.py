@@ -23,6 +23,7 @@ Each compiled piece is compiled with fake inputs taken from the traced graph's
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Callable
 
@@ -33,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .leaf_arguments import BuildArgument
 from .leaf_call import leaf_call_of
+from .leaf_compile import LeafCompiler
 from .passes.leaf_call_module import ARGUMENT_META
 from .runtime import _leaf_environments, in_leaf_environment
 from .runtime.leaf_inputs import leaf_input_for_deepspeed_backward_hook
@@ -127,8 +129,12 @@ def lower(
     gm: torch.fx.GraphModule,
     example_inputs: list,
     inner: Callable[[torch.fx.GraphModule, list], Callable],
+    leaf_compiler: LeafCompiler | None = None,
 ) -> Callable:
-    """Split ``gm`` at its leaves and compile the non-leaf pieces with ``inner``."""
+    """Split ``gm`` at its leaves and compile the non-leaf pieces with ``inner``.
+
+    With ``leaf_compiler`` (option ``leaf_compile="inner"``), each leaf's ``forward``
+    runs compiled inside its eager module call (see ``leaf_compile``)."""
     schedule = leaf_schedule(gm)
     if not any(leaf_call_of(n) is not None for n in gm.graph.nodes if n.op == "call_module"):
         return _CheckedProgram(inner(gm, example_inputs), schedule)
@@ -146,7 +152,7 @@ def lower(
         piece = getattr(split, node.target)
         if pid in leaf_pids:  # run eagerly: prefetch_all, the leaf, its unpacking
             region = _checkpoint_region(piece, by_name)
-            setattr(split, node.target, _LeafPiece(piece, _expected_outputs(piece, by_name), region))
+            setattr(split, node.target, _LeafPiece(piece, _expected_outputs(piece, by_name), region, leaf_compiler))
             continue
         inputs = []
         for ph in (n for n in piece.graph.nodes if n.op == "placeholder"):
@@ -186,9 +192,11 @@ class _LeafPiece(torch.nn.Module):
     caught here, with the leaf named, instead of feeding a compiled piece wrong sizes.
     """
 
-    def __init__(self, piece: torch.fx.GraphModule, expected: list, region: CheckpointRegion | None = None) -> None:
+    def __init__(self, piece: torch.fx.GraphModule, expected: list, region: CheckpointRegion | None = None,
+                 leaf_compiler: LeafCompiler | None = None) -> None:
         super().__init__()
         self.piece = piece
+        self.leaf_compiler = leaf_compiler
         self.expected = expected
         self.region = region
         self.leaves = [n.target for n in piece.graph.nodes if n.op == "call_module"]
@@ -207,10 +215,11 @@ class _LeafPiece(torch.nn.Module):
         return self._run(*args)
 
     def _run(self, *args):
-        if _leaf_environments:
-            with in_leaf_environment():
-                out = self.piece(*args)
-        else:
+        with contextlib.ExitStack() as stack:
+            if _leaf_environments:
+                stack.enter_context(in_leaf_environment())
+            if self.leaf_compiler is not None:
+                stack.enter_context(self.leaf_compiler.swapped(self.leaf_modules))
             out = self.piece(*args)
         values = out if isinstance(out, tuple) else (out,)
         for got, want in zip(values, self.expected):
