@@ -30,6 +30,7 @@ from .flags import (
 )
 from .format import format_graph
 from .gather import GATHER_POLICIES, gather_stats
+from .leaf_compile import leaf_compile_stats
 from .integrations import accelerate as _accelerate_integration
 from .integrations.backend_names import register_backend, register_from_environment as _register_from_environment
 from .record import GraphRecorder, record_graphs
@@ -56,6 +57,7 @@ __all__ = [
     "apply_leaf_module_config",
     "format_graph",
     "gather_stats",
+    "leaf_compile_stats",
     "get_z3_leaf_modules",
     "leaf_schedule",
     "make_backend",
