@@ -156,11 +156,18 @@ def _moe_stack():
     return model
 
 
-def _run_case(rank: int, base, case: tuple) -> dict:
+def _run_case(rank: int, base, case: tuple, eager_runs: dict) -> dict:
+    """Eager ZeRO-3 and compiled runs of ``case``; cases with the same engine settings share
+    one eager run (``eager_runs``, keyed by limits, accumulation and contiguous_gradients:
+    same weights, same batches, so the same losses)."""
     limits, ga, contiguous, gather, inner, route = case
     out = {}
     mse = lambda fwd: lambda batch: F.mse_loss(fwd(batch[0]), batch[1])  # noqa: E731
+    eager_key = (tuple(sorted(limits.items())), ga, contiguous)
     for mode in ("eager", "compiled"):
+        if mode == "eager" and eager_key in eager_runs:
+            out[mode] = eager_runs[eager_key]
+            continue
         torch._dynamo.reset()
         engine = _engine(copy.deepcopy(base), _config(limits, ga, contiguous))
         forward = engine
@@ -171,6 +178,8 @@ def _run_case(rank: int, base, case: tuple) -> dict:
             else:
                 forward = torch.compile(engine.module, backend="z3leaf", fullgraph=True, options=options)
         out[mode] = _train(engine, mse(forward), N_STEPS * ga, lambda micro: _batch(rank, micro))
+        if mode == "eager":
+            eager_runs[eager_key] = out[mode]
     return out
 
 
@@ -211,7 +220,8 @@ def _flag_change_case(rank: int, base) -> dict:
 
 def _matrix_body(rank: int, world_size: int, names: list[str]) -> dict:
     base = _moe_stack()
-    out = {name: _run_case(rank, base, CASES[name]) for name in names if name in CASES}
+    eager_runs: dict = {}
+    out = {name: _run_case(rank, base, CASES[name], eager_runs) for name in names if name in CASES}
     if FLAG_CHANGE in names:
         out[FLAG_CHANGE] = _flag_change_case(rank, base)
     return out
