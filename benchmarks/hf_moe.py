@@ -170,25 +170,26 @@ def _rank_body(rank: int, world_size: int, way: str, case: Case) -> dict[str, An
         kwargs = {"options": {"inner": case.inner, **options}} if backend == "z3leaf" else {}
         engine.compile(backend=backend, compile_kwargs=kwargs)
 
-    def step(i: int, phases: dict[str, float] | None = None, breakdown=None):
+    def step(i: int, phases: dict[str, float] | None = None, breakdown=None, cpu_phases=None):
         ids = _batch(case, rank, i)
-        t0 = time.perf_counter()
+        t, c = [time.perf_counter()], [time.process_time()]
         if breakdown is not None:
             breakdown.phase = "forward"
         loss = engine(input_ids=ids, labels=ids).loss
-        t1 = time.perf_counter()
+        t.append(time.perf_counter()), c.append(time.process_time())
         if breakdown is not None:
             breakdown.phase = "backward"
         engine.backward(loss)
-        t2 = time.perf_counter()
+        t.append(time.perf_counter()), c.append(time.process_time())
         if breakdown is not None:
             breakdown.phase = "optimizer"
         engine.step()
-        t3 = time.perf_counter()
-        if phases is not None:
-            for k, v in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2)):
-                phases[k] = phases.get(k, 0.0) + v
-        return float(loss.detach()), t3 - t0
+        t.append(time.perf_counter()), c.append(time.process_time())
+        for totals, ts in ((phases, t), (cpu_phases, c)):
+            if totals is not None:
+                for k, a, b in zip(("forward", "backward", "optimizer"), ts, ts[1:]):
+                    totals[k] = totals.get(k, 0.0) + b - a
+        return float(loss.detach()), t[3] - t[0]
 
     losses, wall, cpu = [], [], []
     phase_sum: dict[str, float] = {}
@@ -204,17 +205,19 @@ def _rank_body(rank: int, world_size: int, way: str, case: Case) -> dict[str, An
     for reason, n in counters["graph_break"].items():
         first = (str(reason).strip().splitlines() or ["?"])[0][:140]
         reasons[first] = reasons.get(first, 0) + int(n)
-    breakdown_ms = None
+    breakdown_ms = breakdown_cpu_ms = None
     if case.profile_steps and way in case.breakdown_ways:
         from benchmarks.step_breakdown import StepBreakdown
 
         # every rank runs the profiled steps (collectives meet); rank 0 times them
         timer = StepBreakdown(engine, leaf_classes) if rank == 0 else None
         prof_phases: dict[str, float] = {}
+        prof_cpu: dict[str, float] = {}
         for i in range(case.profile_steps):
-            step(case.steps + i, prof_phases, timer)
+            step(case.steps + i, prof_phases, timer, prof_cpu)
         if timer is not None:
             breakdown_ms = timer.per_step(case.profile_steps, prof_phases)
+            breakdown_cpu_ms = timer.per_step(case.profile_steps, prof_cpu, cpu=True)
             timer.remove()
     stats = leafpass.gather_stats(engine.module) if backend == "z3leaf" and stage == 3 else None
     timed = slice(case.warmup, None)
@@ -233,6 +236,7 @@ def _rank_body(rank: int, world_size: int, way: str, case: Case) -> dict[str, An
         "gather_policy": getattr(stats, "policy", None),
         "leaves": len(leaves),
         "breakdown_ms": breakdown_ms,
+        "breakdown_cpu_ms": breakdown_cpu_ms,
         "peak_rss_mb": common.peak_rss_mb(),
     }
 
@@ -254,7 +258,7 @@ def run_way(way: str, case: Case) -> dict[str, Any]:
     r0 = ranks[0]
     row.update({k: r0[k] for k in ("median_step_ms", "median_cpu_ms", "compile_s", "phase_ms", "graphs",
                                    "graph_breaks", "graph_break_reasons", "leaf_graphs", "gather_policy", "leaves",
-                                   "breakdown_ms")})
+                                   "breakdown_ms", "breakdown_cpu_ms")})
     row["losses"] = [r["losses"] for r in ranks]
     row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ranks)
     row["compile_s"] = None if WAYS[way][1] is None else row["compile_s"]
@@ -308,12 +312,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     return common.markdown_table(cells, COLUMNS)
 
 
-def breakdown_table(rows: list[dict[str, Any]]) -> str | None:
+def breakdown_table(rows: list[dict[str, Any]], key: str = "breakdown_ms") -> str | None:
+    """One line per way and phase: ms per step in each bucket (``key``: wall or CPU figures)."""
     from benchmarks.step_breakdown import BUCKETS, PHASES
 
     cells = []
     for r in rows:
-        b = r.get("breakdown_ms")
+        b = r.get(key)
         if not b:
             continue
         for phase in PHASES:
@@ -407,13 +412,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['load_average'][0]:.1f})", flush=True)
         compare_rows(rows)
         results.append({"case": dataclasses.asdict(case), "label": case.label(), "rows": rows,
-                        "table": table(rows), "breakdown": breakdown_table(rows), "goals": goals(rows, case)})
+                        "table": table(rows), "breakdown": breakdown_table(rows),
+                        "breakdown_cpu": breakdown_table(rows, "breakdown_cpu_ms"), "goals": goals(rows, case)})
     load_end = list(os.getloadavg())
     for res in results:
         print(f"\n### {res['label']}\n\n{res['table']}")
         if res["breakdown"]:
-            print(f"\nper-step breakdown, rank 0, ms (exclusive buckets; benchmarks/step_breakdown.py):\n\n"
-                  f"{res['breakdown']}")
+            print(f"\nper-step breakdown, rank 0, wall ms (exclusive buckets; benchmarks/step_breakdown.py):\n\n"
+                  f"{res['breakdown']}\n\nthe same, CPU ms (time.process_time):\n\n{res['breakdown_cpu']}")
         for g in res["goals"]:
             print(f"- {g['goal']}: {g['way']} {g['value']:.2f}{g['unit']} ({'met' if g['met'] else 'NOT met'})")
     print(f"\nload average: start {load_start}, end {load_end} ({os.cpu_count()} cpus)")

@@ -11,8 +11,9 @@ gather                     DeepSpeed ZeRO-3's per-module fetch / release
                            ``release_sub_module``, ``release_and_reset_all``), waits on its
                            all-gather handles, leafpass's ``prefetch_all`` and its
                            ``gather="step"`` gather and release
-all-gather                 the all-gather collectives themselves (``deepspeed.comm.allgather_fn``
-                           and ``all_gather_into_tensor``), inside the above
+all-gather                 launching the all-gather collectives (``deepspeed.comm.allgather_fn``
+                           and ``all_gather_into_tensor``), inside the above; DeepSpeed issues
+                           them asynchronously, so waiting for them is in ``gather``
 leaf forward               a leaf's forward, between the engine's hooks (a forward pre-hook
                            registered last, a forward hook registered first)
 non-leaf forward           z3leaf's compiled pieces (``lower._CompiledPiece``), forward only
@@ -28,7 +29,9 @@ rest                       whatever no bucket covers: in forward, eager non-leaf
 =========================  ===================================================================
 
 Exclusive: a bucket entered inside another pauses it, so the buckets and ``rest`` add up to
-the step. The timers cost a few microseconds per call, so profiled steps are a little slower
+the step. Each bucket gets wall time and process CPU time (``time.process_time``: this
+rank's threads, gloo's included): on a shared machine a collective's wall time is mostly
+waiting for the other rank, its CPU time is its own work. The timers cost a few microseconds per call, so profiled steps are a little slower
 than the timed ones; read shares, not absolute figures.
 """
 
@@ -50,38 +53,43 @@ class StepBreakdown:
 
     def __init__(self, engine, leaf_classes: tuple[type, ...]) -> None:
         self.seconds: dict[tuple[str, str], float] = {}
+        self.cpu_seconds: dict[tuple[str, str], float] = {}
         self.phase = "forward"
-        self._stack: list[list] = []  # [bucket, start]
+        self._stack: list[list] = []  # [bucket, wall start, cpu start]
         self._undo: list[Callable[[], None]] = []
         self._install(engine, leaf_classes)
 
     # ------------------------------------------------------------------ timing
 
-    def _charge(self, bucket: str, seconds: float) -> None:
+    def _charge(self, bucket: str, seconds: float, cpu: float) -> None:
         key = (self.phase, bucket)
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        self.cpu_seconds[key] = self.cpu_seconds.get(key, 0.0) + cpu
 
     def enter(self, bucket: str) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if self._stack:
             top = self._stack[-1]
-            self._charge(top[0], now - top[1])
-        self._stack.append([bucket, now])
+            self._charge(top[0], now - top[1], cpu - top[2])
+        self._stack.append([bucket, now, cpu])
 
     def exit(self) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if not self._stack:  # a leaf's post-hook whose pre-hook ran before install
             return
-        bucket, start = self._stack.pop()
-        self._charge(bucket, now - start)
+        bucket, start, cpu_start = self._stack.pop()
+        self._charge(bucket, now - start, cpu - cpu_start)
         if self._stack:
             self._stack[-1][1] = now
+            self._stack[-1][2] = cpu
 
-    def per_step(self, steps: int, phase_totals: dict[str, float]) -> dict[str, dict[str, float]]:
-        """ms per step: ``{phase: {bucket: ms}}``; ``rest`` = the phase's wall time minus its buckets."""
+    def per_step(self, steps: int, phase_totals: dict[str, float], cpu: bool = False) -> dict[str, dict[str, float]]:
+        """ms per step: ``{phase: {bucket: ms}}``; ``rest`` = the phase's time minus its buckets.
+        ``cpu``: CPU time (``phase_totals`` must then be the phases' CPU seconds)."""
+        seconds = self.cpu_seconds if cpu else self.seconds
         out: dict[str, dict[str, float]] = {}
         for phase in PHASES:
-            row = {b: 1e3 * self.seconds.get((phase, b), 0.0) / steps for b in BUCKETS if b != "rest"}
+            row = {b: 1e3 * seconds.get((phase, b), 0.0) / steps for b in BUCKETS if b != "rest"}
             row["rest"] = 1e3 * phase_totals.get(phase, 0.0) / steps - sum(row.values())
             out[phase] = row
         return out
