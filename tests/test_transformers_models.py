@@ -240,10 +240,7 @@ def test_whole_decoder_layers_as_leaves(kind, use_cache):
             assert out.past_key_values is None
         out.loss.backward()
         ref.loss.backward()
-        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-            assert (p.grad is None) == (q.grad is None), f"grad presence of {name}, step {step}"
-            if p.grad is not None:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"grad of {name}, step {step}")
+        assert_same_grads(model, reference, f"step {step}")
     assert len(graphs) == 1, f"{len(graphs)} graphs (a recompile or a break)"
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
     check_leaf_calls(graphs[0], layers, DECODER_LAYER[kind])
