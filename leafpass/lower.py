@@ -17,6 +17,10 @@ its ``prefetch_all`` and the leaf's forward again before the leaf's backward. Th
 compiled pieces around it recompute the region's other ops through the inner
 compiler's partitioner (the ops carry checkpoint's recompute tags).
 
+With ``options={"leaf_compile": "inner"}`` a leaf piece still runs its
+``prefetch_all`` and the leaf's module call eagerly, but the leaf's ``forward``
+inside that call runs through ``torch.compile`` (``leafpass.leaf_compile``).
+
 Each compiled piece is compiled with fake inputs taken from the traced graph's
 ``example_value`` metadata (the leaf's real outputs cannot be faked by running it).
 """

@@ -1,6 +1,8 @@
 """Smoke test: ``benchmarks/compile_backends.py --quick`` runs and writes a complete JSON;
 ``benchmarks/zero3_moe.py``'s default ways, columns and goal report (on made-up rows: no
-ranks are started).
+ranks are started); ``benchmarks/hf_moe.py``: one way of a tiny Mixtral on one rank (inner
+compiler ``eager``, so no Inductor compile) with its step breakdown, and its ratios and
+goals on made-up rows.
 
 Only structure and graph-break counts are checked; speed goals live in the benchmark's own
 output (``goals``), never in tests (the zero3_moe test checks how goals are computed and
