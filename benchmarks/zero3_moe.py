@@ -3,10 +3,10 @@
     python benchmarks/zero3_moe.py            # MoEStack d=256, 4 layers, 8 experts, top-2; ~15+ min on 2 cores
     python benchmarks/zero3_moe.py --quick    # tiny model, few steps (smoke test)
 
-The ways (:data:`leafpass.zero3_compare.WAY_SETUPS`) train the same ``MoEStack``
+The ways (:data:`leafpass.tools.zero3_compare.WAY_SETUPS`) train the same ``MoEStack``
 (``MoEBlock`` flagged as the ZeRO-3 leaf with ``deepspeed.utils.set_z3_leaf_modules`` before
 ``deepspeed.initialize``) on the same data, each in fresh gloo rank processes, through
-:func:`leafpass.zero3_compare.compare` (see its ``DEFINITIONS``, repeated in the JSON).
+:func:`leafpass.tools.zero3_compare.compare` (see its ``DEFINITIONS``, repeated in the JSON).
 Every rank trains on its own batches, so ranks route tokens to different experts. Default
 ways: eager ZeRO-3 with DeepSpeed's default limits, eager ZeRO-3 with strict limits (gather
 each module at its entry, release it after use), ``engine.compile(backend="inductor")``,
@@ -14,7 +14,7 @@ and the same with strict limits, z3leaf with ``gather="step"``, z3leaf under str
 with ``gather="auto"`` (which resolves to ``"module"`` there, with the engine's bucket
 settings: one gather per module, no prefetch), and z3leaf with ``gather="module"`` under
 strict limits and buckets of up to 600,000 elements, no prefetch (``z3leaf_module``: each
-stretch between two leaves in one all-gather; ``leafpass.zero3_compare.WAY_OPTIONS``).
+stretch between two leaves in one all-gather; ``leafpass.tools.zero3_compare.WAY_OPTIONS``).
 
 Main pass: the gather policy each z3leaf way ran with, graphs, graph breaks, frames Dynamo
 ran eagerly, all-gathers per step, peak gathered parameter elements, compile seconds,
@@ -51,7 +51,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common
-from leafpass import zero3_compare as zc
+from leafpass.tools import zero3_compare as zc
 
 DIAGNOSTIC = (
     "the ways in diagnose_ways run again with timers on rank 0 around DeepSpeed ZeRO-3's per-module "

@@ -37,7 +37,7 @@ def train(rank: int, world_size: int, steps: int, inner: str) -> dict:
     from deepspeed.utils import set_z3_leaf_modules
 
     import leafpass
-    from leafpass.runtime.deepspeed import count_collectives
+    from leafpass.tools.deepspeed_probe import count_collectives
     from leafpass.testing.models import MoEBlock, TwoMoE, divergent_routing_batches
 
     deepspeed_logger.setLevel(logging.ERROR)  # it logs to stdout; keep stdout for the summary

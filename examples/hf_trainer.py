@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     extra_args = {}
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         # CPU only: keep DeepSpeed from JIT-building a shared-memory op it does not need (75-112 s)
-        from leafpass.runtime.deepspeed import skip_cpu_shm_comm_build
+        from leafpass.testing.deepspeed_cpu import skip_cpu_shm_comm_build
 
         skip_cpu_shm_comm_build()
         extra_args = cpu_process_group()

@@ -29,9 +29,12 @@ from .flags import (
     z3_leaf_parameter,
 )
 from .format import format_graph
-from .gather import GATHER_POLICIES, gather_stats
+from .gather_ops import live_gathered
+from .gather import gather_stats
+from .graph_nodes import is_leaf_call_node, is_prefetch_node
 from .leaf_compile import leaf_compile_stats
 from .integrations import accelerate as _accelerate_integration
+from .options import GATHER_POLICIES, INNER_COMPILERS, OPTIONS
 from .integrations.backend_names import register_backend, register_from_environment as _register_from_environment
 from .record import GraphRecorder, record_graphs
 from .runtime import NullRuntime, PrefetchRuntime, use_runtime
@@ -49,17 +52,22 @@ __all__ = [
     "DEFAULT_LEAF_MODULE_CLASSES",
     "GATHER_POLICIES",
     "GraphRecorder",
+    "INNER_COMPILERS",
     "LeafArgumentError",
     "LeafScheduleMismatch",
     "LeafShapeError",
     "NullRuntime",
+    "OPTIONS",
     "PrefetchRuntime",
     "apply_leaf_module_config",
     "format_graph",
     "gather_stats",
     "leaf_compile_stats",
     "get_z3_leaf_modules",
+    "is_leaf_call_node",
+    "is_prefetch_node",
     "leaf_schedule",
+    "live_gathered",
     "make_backend",
     "record_graphs",
     "register_backend",

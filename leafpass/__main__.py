@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = argv.pop(0) if argv and not argv[0].startswith("-") else "demo"
     if command == "demo":
-        from .demo import main as run
+        from .tools.demo import main as run
     elif command == "explain":
-        from .explain import main as run
+        from .tools.explain import main as run
     else:
         print(f"leafpass: unknown command {command!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
         return 2

@@ -12,55 +12,19 @@ from typing import Any
 
 import torch.fx
 
-from .capture import annotate_input_sources
-from .gather import GATHER_POLICIES, check_gather
-from .leaf_compile import LEAF_COMPILE_MODES, LeafCompiler, check_leaf_compile
+from .capture import annotate_input_sources, warn_if_call_replaced
+from .dynamo_internals import hold_compiling_flag_until_compile_end
+from .graph_nodes import gather_info_of
+from .leaf_compile import LeafCompiler
 from .lower import lower
+from .module_plan import current_plan
+from .options import INNER_COMPILERS, OPTIONS, check_options
 from .passes import MODULE_GATHER_PIPELINE, run_passes
 from .passes.check_stand_ins import check_stand_ins
-from .passes.insert_gathers import GATHER_META
+from .ops import holds_host_state_op
 from .record import notify_graph
 
 __all__ = ["OPTIONS", "INNER_COMPILERS", "make_backend", "z3leaf_backend", "resolve_inner"]
-
-INNER_COMPILERS = ("inductor", "aot_eager", "eager")
-OPTIONS: Mapping[str, str] = {
-    "inner": f"compiler for the non-leaf pieces: one of {INNER_COMPILERS} or a backend callable",
-    "gather": f"who gathers non-leaf parameters of a partitioned model: one of {list(GATHER_POLICIES)}",
-    "bucket_elements": "gather='module': merge adjacent gathers up to this many elements "
-                       "(default: the engine's prefetch bucket, DeepSpeed stage3_prefetch_bucket_size)",
-    "prefetch_distance": "gather='module': start each gather this many buckets early "
-                         "(default: 1, or 0 when the engine's prefetch bucket is 0)",
-    "leaf_compile": f"how each leaf's own forward runs: one of {list(LEAF_COMPILE_MODES)} (default 'off')",
-}
-
-
-def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(options, Mapping):
-        raise TypeError(
-            f"z3leaf options must be a dict such as {{'inner': 'inductor'}}, got {type(options).__name__}"
-        )
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        valid = ", ".join(f"{k!r} ({v})" for k, v in OPTIONS.items())
-        raise ValueError(f"unknown z3leaf option(s) {unknown}; valid options: {valid}")
-    checked = {"inner": "inductor", "gather": "auto", "bucket_elements": None, "prefetch_distance": None,
-               "leaf_compile": "off", **options}
-    check_gather(checked["gather"])
-    check_leaf_compile(checked["leaf_compile"])
-    for key in ("bucket_elements", "prefetch_distance"):
-        value = checked[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"z3leaf option {key!r} must be an int >= 0 (or None for the engine's default); "
-                             f"got {value!r}")
-    inner = checked["inner"]
-    if not callable(inner) and inner not in INNER_COMPILERS:
-        raise ValueError(
-            f"z3leaf option 'inner' must be one of {list(INNER_COMPILERS)} or a backend callable "
-            f"(gm, example_inputs) -> callable; got {inner!r}"
-        )
-    return checked
-
 
 def resolve_inner(inner: Any, mode: str | None = None) -> Callable:
     """The compiler that compiles non-leaf pieces, from the ``inner`` option."""
@@ -71,17 +35,47 @@ def resolve_inner(inner: Any, mode: str | None = None) -> Callable:
 
         if mode and mode != "default":
             patches = torch._inductor.list_mode_options(mode)
-            return lambda gm, ex: compile_fx(gm, ex, config_patches=patches)
+            return lambda gm, ex: compile_fx(gm, ex, config_patches=_piece_patches(gm, patches))
         return compile_fx
     from torch._dynamo.backends.registry import lookup_backend
 
     return lookup_backend(inner)
 
 
+def _piece_patches(gm: torch.fx.GraphModule, patches: dict[str, Any]) -> dict[str, Any]:
+    """Inductor's settings for one compiled piece: CUDA graphs (``mode="reduce-overhead"``)
+    off for a piece that calls a leafpass op, whose host-side work a replay would skip."""
+    if not patches.get("triton.cudagraphs") or not holds_host_state_op(gm):
+        return patches
+    if not _warned_cudagraphs:
+        import warnings
+
+        _warned_cudagraphs.append(True)
+        warnings.warn(
+            "leafpass: mode='reduce-overhead' compiles the pieces that gather parameters "
+            "(prefetch_start, gather_start/gather_wait) without CUDA graphs: a replay would skip "
+            "their host-side work. The other pieces keep CUDA graphs; gather='step' keeps gathers "
+            "out of the graph altogether.",
+            stacklevel=2,
+        )
+    return {**patches, "triton.cudagraphs": False}
+
+
+_warned_cudagraphs: list[bool] = []
+
+
 def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
-    checked = _check_options(options)
+    # the passes, the lowering and Dynamo's guards built after them read the model as a
+    # compile does (torch 2.11 does not hold is_compiling() there: see dynamo_internals)
+    hold_compiling_flag_until_compile_end()
+    return _compile_held(gm, example_inputs, options, mode)
+
+
+def _compile_held(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any], mode: str | None):
+    checked = check_options(options)
+    warn_if_call_replaced()
     annotate_input_sources(gm)
-    plan = current_gather_plan()
+    plan = current_plan()  # set by a gatherer under gather="module"
     if plan is None:
         gm = run_passes(gm)
         inner = resolve_inner(checked["inner"], mode)
@@ -95,15 +89,8 @@ def _compile(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any
         leaf_compiler = LeafCompiler(resolve_inner(checked["inner"], mode), (checked["inner"], mode))
     program = lower(gm, list(example_inputs), inner, leaf_compiler)
     if plan is not None:  # the gather ops find their buckets while the program holds them
-        program.gather_buckets = [info.bucket for node in gm.graph.nodes if (info := node.meta.get(GATHER_META))]
+        program.gather_buckets = [info.bucket for node in gm.graph.nodes if (info := gather_info_of(node))]
     return program
-
-
-def current_gather_plan():
-    """The ``gather="module"`` plan of the call being compiled, if any."""
-    from .runtime.deepspeed_module import current_plan
-
-    return current_plan()
 
 
 def _recomputing(inner: Any, mode: str | None) -> Callable:
@@ -132,7 +119,7 @@ def _recomputing(inner: Any, mode: str | None) -> Callable:
 
 def make_backend(**options: Any) -> Callable:
     """A z3leaf backend with ``options`` bound: ``torch.compile(m, backend=make_backend(inner="aot_eager"))``."""
-    _check_options(options)
+    check_options(options)
 
     def backend(gm, example_inputs, **kwargs):
         extra = kwargs.pop("options", None) or {}

@@ -20,7 +20,9 @@ is read while Dynamo traces *every* module call, so Dynamo guards on it
 (``not hasattr(L['self'].moe, '_z3_leaf')`` or ``... ._z3_leaf == True``). A flag
 set, unset or deleted after compiling, however it was set, fails that guard and
 the next call recompiles: the compiled program never runs on a stale decision.
-Outside Dynamo the wrapper costs one extra Python call per module call.
+Outside Dynamo the wrapper costs every module call of the process a Python call, one
+``is_dynamo_compiling()`` call, a builtin call and a dict lookup when no compile is active
+(``benchmarks/module_call_overhead.py`` measures it).
 """
 
 from __future__ import annotations
@@ -34,27 +36,42 @@ from . import dynamo_internals as internals
 from .dynamo_internals import assume_constant_result, leaf_function
 
 from . import shape_inference
+from .flags import z3_leaf_module
 from .gather import root_gatherer
 from .leaf_arguments import apply_states, call_with_objects, states_of_objects
+from .wrapped import wrapped_functions
 
 __all__ = ["install", "installed", "run_leaf", "is_leafpass_backend"]
 
 _original_call = None
 _original_call_no_dynamo = None
+_original_is_torchs = False  # the __call__ leafpass wrapped is PyTorch's _wrapped_call_impl
 _local = threading.local()
 
 
 def _leafpass_module_call(self: nn.Module, *args, **kwargs):
+    # The fast path: an eager call with no compile active anywhere (no Dynamo callback set
+    # and the module not compiled with module.compile()). ``is_dynamo_compiling`` is one
+    # Python call returning False in eager code, and Dynamo folds it to True while tracing,
+    # so Dynamo never sees the builtin callback read below it.
+    if not _is_dynamo_compiling():
+        callback = _callback_now()
+        if not callback and self.__dict__.get("_compiled_call_impl") is None:
+            if _original_is_torchs:  # what nn.Module._wrapped_call_impl does next, one frame less
+                return self._call_impl(*args, **kwargs)
+            return _original_call(self, *args, **kwargs)
     if torch.compiler.is_compiling():
+        # getattr, not flags.z3_leaf_module: Dynamo guards this read as the user wrote it
+        # (``L['self'].moe._z3_leaf == True``), the guard that recompiles on a flag change
         if _tracing_for_leafpass() and getattr(self, "_z3_leaf", False):
+            internals.hold_compiling_flag_for_leaf_call()
             return _call_leaf(self, args, kwargs)
         return _original_call(self, *args, **kwargs)
     # Only builtins and Dynamo-disabled functions are called from here on before the
     # module's own call: this frame may run inside a z3leaf compile region (before the
     # compiled frame is entered), where Dynamo would try to compile any other frame.
-    # Dynamo's callback is read here: inside a disabled function it is always off.
-    callback = _callback_now()
-    if callback and _flagged_fast(self) and _is_leafpass_callback(callback):
+    # Dynamo's callback was read above: inside a disabled function it is always off.
+    if callback and z3_leaf_module(self) and _is_leafpass_callback(callback):
         return _run_uncaptured_leaf(self, args, kwargs)
     flags = self.__dict__
     if flags.get("_compiled_call_impl") is not None or (flags.get("_forward_pre_hooks") and callback):
@@ -66,6 +83,7 @@ def _leafpass_module_call(self: nn.Module, *args, **kwargs):
 
 
 _callback_now = internals.eval_frame_callback_builtin()
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 
 @torch._dynamo.disable
@@ -78,15 +96,6 @@ def _root_call_plan(module: nn.Module, callback):
         return None
     gatherer = root_gatherer(module)
     return None if gatherer is None else (gatherer, options)
-
-
-def _flagged_fast(module: nn.Module) -> bool:
-    # Eager hot path: a dict lookup instead of getattr, whose miss goes through
-    # nn.Module.__getattr__ and an exception.
-    flags = module.__dict__
-    if "_z3_leaf" in flags:
-        return bool(flags["_z3_leaf"])
-    return bool(getattr(type(module), "_z3_leaf", False))
 
 
 # id(callback) -> (weak reference to the callback, its answer); an entry goes with its
@@ -206,23 +215,29 @@ def _call_leaf(module: nn.Module, args: tuple, kwargs: dict):
     (see ``leafpass.leaf_arguments``)."""
     args, kwargs, objects = states_of_objects(type(module).__name__, args, kwargs)
     if not objects:
-        return run_leaf(module, args, kwargs)
-    out, states = run_leaf(module, args, kwargs)
+        return internals.structured_leaf_outputs(run_leaf(module, args, kwargs))
+    out, states = internals.structured_leaf_outputs(run_leaf(module, args, kwargs))
     apply_states(objects, states)
     return out
 
 
 @leaf_function
 def run_leaf(module: nn.Module, args: tuple, kwargs: dict):
-    """The leaf's call as Dynamo records it: one opaque node (rewritten by the passes)."""
-    return call_with_objects(lambda *a, **k: _original_call(module, *a, **k), type(module).__name__, args, kwargs)
+    """The leaf's call as Dynamo records it: one opaque node (rewritten by the passes).
+
+    What it returns is flattened for torch 2.11's ``leaf_function`` (see
+    :func:`leafpass.dynamo_internals.flat_leaf_outputs`)."""
+    out = call_with_objects(lambda *a, **k: _original_call(module, *a, **k), type(module).__name__, args, kwargs)
+    return internals.flat_leaf_outputs(out, fake_run=False)
 
 
 @run_leaf.register_fake
 def _run_leaf_fake(module: nn.Module, args: tuple, kwargs: dict):
     _local.inferring_shapes = True
     try:
-        return shape_inference.infer_leaf_outputs(module, args, kwargs)
+        with internals.compiling_flag_held():
+            out = shape_inference.infer_leaf_outputs(module, args, kwargs)
+        return internals.flat_leaf_outputs(out, fake_run=True)
     finally:
         _local.inferring_shapes = False
 
@@ -234,7 +249,9 @@ def install() -> None:
         return
     global _original_call_no_dynamo
     internals.check_torch_version()
+    global _original_is_torchs
     _original_call = nn.Module.__call__
+    _original_is_torchs = _original_call is nn.Module._wrapped_call_impl
     _original_call_no_dynamo = torch._dynamo.disable(_original_call, recursive=True)
     nn.Module.__call__ = _leafpass_module_call
     # Dynamo still inlines the wrapper while tracing a frame, but never compiles it as a
@@ -242,10 +259,47 @@ def install() -> None:
     # graph break in an unflagged module) would pile up on Dynamo's recompile limit.
     internals.never_compile_as_frame(_leafpass_module_call.__code__)
     internals.never_compile_as_frame(_run_uncaptured_leaf.__code__)
+    internals.never_compile_as_frame(z3_leaf_module.__code__)  # called from the wrapper's eager path
 
 
 def installed() -> bool:
     return nn.Module.__call__ is _leafpass_module_call
+
+
+def call_replacement():
+    """What replaced leafpass's ``nn.Module.__call__`` wrapper after leafpass installed it,
+    if that no longer reaches the wrapper (through ``__wrapped__`` or a closure); else None.
+    Dynamo then never reads the leaf flag, and flagged leaves are traced into."""
+    current = nn.Module.__call__
+    if _original_call is None or _reaches_wrapper(current):
+        return None
+    return current
+
+
+def _reaches_wrapper(fn) -> bool:
+    return any(f is _leafpass_module_call for f in wrapped_functions(fn, depth=4))
+
+
+_warned_replacements: set[int] = set()
+
+
+def warn_if_call_replaced() -> None:
+    """Warn, once per replacement, when ``nn.Module.__call__`` no longer reaches leafpass's
+    wrapper (another library replaced it after ``import leafpass``); called at compile time."""
+    replacement = call_replacement()
+    if replacement is None or id(replacement) in _warned_replacements:
+        return
+    _warned_replacements.add(id(replacement))
+    import warnings
+
+    where = f"{getattr(replacement, '__module__', '?')}.{getattr(replacement, '__qualname__', repr(replacement))}"
+    warnings.warn(
+        f"leafpass: nn.Module.__call__ is now {where}, which replaced leafpass's wrapper after "
+        f"`import leafpass` and does not call it, so z3leaf cannot see the leaf flags: flagged "
+        f"leaves will be traced into like any module. Import leafpass after the library that "
+        f"replaces nn.Module.__call__ (or have its replacement call the previous __call__).",
+        stacklevel=3,
+    )
 
 
 def original_call(module: nn.Module, *args, **kwargs):

@@ -1,9 +1,30 @@
 """Every private PyTorch (Dynamo) API leafpass relies on, in one place.
 
-PyTorch does not promise these: each was read in torch 2.13 and is covered by
-``tests/test_dynamo_internals.py``, which fails loudly if one changes. Nothing
-else in leafpass imports ``torch._dynamo`` internals (``torch._dynamo.reset``,
-``disable`` and the backend registry are public enough to use directly).
+PyTorch does not promise these: each was read in torch 2.13 (and again in 2.11 and
+2.14) and is covered by ``tests/test_dynamo_internals.py``, which fails loudly if one
+changes. Nothing else in leafpass imports ``torch._dynamo`` internals
+(``torch._dynamo.reset``, ``disable`` and the backend registry are public enough to use
+directly).
+
+Where torch releases differ, the difference is decided here, once, and the rest of
+leafpass reads one answer:
+
+==========================================  =====================  ======================
+what                                        torch 2.11             torch 2.12 to 2.14
+==========================================  =====================  ======================
+a size's hint without a guard               ``size_hint``          ``optimization_hint``
+what a ``leaf_function`` may return         a flat tuple of        any pytree (Dynamo
+                                            tensors (or None)      flattens it)
+``invoke_leaf_function`` node arguments     ``(real_fn_spec,       ``(real_fn, fake_fn,
+                                            fake_fn_spec, *flat)`` input_spec, '', *flat)``
+``is_compiling()`` in a leaf's fake call,   held by leafpass       held by leafpass (2.12),
+and from the backend to the compile's end                          by Dynamo (2.13, 2.14)
+==========================================  =====================  ======================
+
+:data:`LEAF_OUTPUTS_FLAT` tells the two leaf-function APIs apart by what the module
+holds (``make_leaf_function_wrappers``, which 2.12 has already), not by the version
+number; the ``is_compiling()`` holds check the flag itself and do nothing where Dynamo
+holds it.
 
 ==========================================  =============================================
 what                                        torch source (2.13)
@@ -25,14 +46,22 @@ the graphargs of the root graph             torch/_dynamo/output_graph.py (``roo
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import types
+from typing import Any, NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch._dynamo.decorators import assume_constant_result, leaf_function  # noqa: F401
 
 from .versions import in_range
 
 __all__ = [
+    "LEAF_OUTPUTS_FLAT",
+    "LeafNodeParts",
+    "EARLY_TORCH",
+    "EARLY_TORCH_ENV",
     "SUPPORTED_TORCH",
     "assume_constant_result",
     "backend_chain",
@@ -41,31 +70,59 @@ __all__ = [
     "compiling_frame",
     "eval_frame_callback",
     "eval_frame_callback_builtin",
+    "flat_leaf_outputs",
+    "compiling_flag_held",
     "graph_input_sources",
     "graph_inputs_by_fake",
+    "hold_compiling_flag_for_leaf_call",
+    "hold_compiling_flag_until_compile_end",
     "invoke_leaf_function_op",
     "is_first_compile_of_frame",
-    "leaf_callable_parts",
     "leaf_function",
     "leaf_module_state_type",
+    "leaf_node_parts",
     "module_by_index",
     "never_compile_as_frame",
     "next_checkpoint_graph_id",
+    "size_hint",
+    "structured_leaf_outputs",
     "queue_end_of_backward_callback",
     "torch_compile_options",
     "tracing_compiler_fn",
 ]
 
 SUPPORTED_TORCH = ((2, 13), (2, 15))  # [min, max)
+EARLY_TORCH = ((2, 11), (2, 13))  # runs when asked for (EARLY_TORCH_ENV); known gaps below
+EARLY_TORCH_ENV = "LEAFPASS_EARLY_TORCH"
+EARLY_TORCH_GAPS = (
+    "leaf arguments that are Python objects (a DynamicCache, a dataclass) fail in Dynamo "
+    "(torch 2.11); activation checkpointing under strict ZeRO-3 limits fails in backward"
+)
 
 
-def check_torch_version(version: str = torch.__version__) -> None:
-    if not in_range(version, *SUPPORTED_TORCH):
-        raise RuntimeError(
-            f"leafpass relies on private parts of torch._dynamo that it supports for torch "
-            f">=2.13,<2.15 (tested with 2.13.0); found torch {version}. "
-            f"Install a supported version (pip install 'torch==2.13.0')."
+def check_torch_version(version: str = torch.__version__, environ=None) -> None:
+    """Refuse a torch outside the supported range; torch 2.11 and 2.12 run when
+    ``LEAFPASS_EARLY_TORCH=1`` asks for them, with a warning naming what is known to fail."""
+    import os
+
+    if in_range(version, *SUPPORTED_TORCH):
+        return
+    early = in_range(version, *EARLY_TORCH)
+    if early and (environ if environ is not None else os.environ).get(EARLY_TORCH_ENV) == "1":
+        import warnings
+
+        warnings.warn(
+            f"leafpass runs on an early torch ({version}) because {EARLY_TORCH_ENV}=1; most of the "
+            f"suite passes on torch 2.11, but {EARLY_TORCH_GAPS}. Use torch>=2.13,<2.15 for full support.",
+            stacklevel=2,
         )
+        return
+    raise RuntimeError(
+        f"leafpass relies on private parts of torch._dynamo that it supports for torch "
+        f">=2.13,<2.15 (tested with 2.13.0 and 2.14.1); found torch {version}. "
+        f"Install a supported version (pip install 'torch==2.13.0')"
+        + (f", or set {EARLY_TORCH_ENV}=1 to run it on torch 2.11/2.12 with known gaps." if early else ".")
+    )
 
 
 def _output_graph():
@@ -221,14 +278,276 @@ def _closure(fn) -> dict:
     return {n: c.cell_contents for n, c in zip(names, cells)}
 
 
-def leaf_callable_parts(obj) -> tuple[object, object]:
-    """``(user function, captured output TreeSpec)`` behind a ``_LeafCallable`` stored on the
-    graph by Dynamo for an ``invoke_leaf_function`` node (made by
-    ``make_leaf_function_wrappers``: a ``wrapper`` closing over ``fn`` and
-    ``captured_out_spec``)."""
-    closure = _closure(getattr(obj, "_fn", None))
-    spec_box = closure.get("captured_out_spec")
-    return closure.get("fn"), (spec_box[0] if spec_box else None)
+# ------------------------------------------------ leaf functions: the two torch APIs
+
+
+def _leaf_function_module():
+    # by name: the package torch._higher_order_ops also exports the *op* under this name
+    import importlib
+
+    return importlib.import_module("torch._higher_order_ops.invoke_leaf_function")
+
+
+LEAF_OUTPUTS_FLAT: bool = not hasattr(_leaf_function_module(), "make_leaf_function_wrappers")
+"""True on torch 2.11: a ``leaf_function`` must return a flat tuple of tensors, and its
+``invoke_leaf_function`` node is ``(real_fn_spec, fake_fn_spec, *flat)``. False on 2.12
+to 2.14, where Dynamo flattens any output itself and the node is
+``(real_fn, fake_fn, input_spec, mutated_indices, *flat)``."""
+
+LAYOUT_META = "leafpass_leaf_output_layout"
+
+
+class LeafOutputLayout(NamedTuple):
+    """Where a leaf's flat tensor outputs go in what it returned (torch 2.11).
+
+    ``spec`` is the structure of the leaf's output and ``tensor_at[i]`` the position among
+    ``spec``'s leaves of flat output ``i`` (both for the leaf pass); ``shape`` is the same
+    structure as nested tuples of strings, ints and constants, which Dynamo folds into
+    the traced code without a guard (a ``TreeSpec`` it cannot trace ``tree_unflatten`` on)."""
+
+    spec: pytree.TreeSpec
+    tensor_at: tuple[int, ...]
+    shape: tuple
+
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
+def _shape_of(value, tensors: list) -> tuple:
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return ("tensor", len(tensors) - 1)
+    if isinstance(value, _CONSTANT_TYPES):
+        return ("constant", value)
+    if type(value) in (tuple, list):
+        return (type(value).__name__, tuple(_shape_of(v, tensors) for v in value))
+    if type(value) is dict:
+        return ("dict", tuple(value), tuple(_shape_of(v, tensors) for v in value.values()))
+    raise TypeError(
+        f"leafpass: on torch {torch.__version__} a leaf's output must be made of tensors, constants "
+        f"(None, bool, int, float, str), tuples, lists and dicts; this leaf returned a "
+        f"{type(value).__module__}.{type(value).__qualname__}. Return a tuple or dict from the leaf's "
+        f"forward, or use torch>=2.13, whose leaf functions return any pytree."
+    )
+
+
+def _flatten_leaf_output(out) -> tuple[tuple[torch.Tensor, ...], LeafOutputLayout]:
+    tensors: list[torch.Tensor] = []
+    shape = _shape_of(out, tensors)
+    leaves, spec = pytree.tree_flatten(out)
+    tensor_at = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
+    return tuple(tensors), LeafOutputLayout(spec, tensor_at, shape)
+
+
+def _rebuild(shape: tuple, flat):
+    kind = shape[0]
+    if kind == "tensor":
+        return flat[shape[1]]
+    if kind == "constant":
+        return shape[1]
+    if kind == "tuple":
+        return tuple(_rebuild(s, flat) for s in shape[1])
+    if kind == "list":
+        return [_rebuild(s, flat) for s in shape[1]]
+    return dict(zip(shape[1], [_rebuild(s, flat) for s in shape[2]]))
+
+
+class _PendingLayout(threading.local):
+    layout: LeafOutputLayout | None = None
+
+
+# One slot, not a store: the leaf's fake run fills it, and the traced code right after the
+# leaf call (``structured_leaf_outputs``) empties it. Dynamo runs one fake run per leaf
+# call it traces, then traces the next instruction, so the slot always holds this call's.
+_pending = _PendingLayout()
+
+
+def flat_leaf_outputs(out, *, fake_run: bool):
+    """What a ``leaf_function`` hands Dynamo for the leaf output ``out``.
+
+    torch 2.13+: ``out`` itself. torch 2.11: the tensors of ``out`` as a flat tuple (empty
+    for a leaf that returns no tensor); the fake run (``fake_run=True``) keeps how to put
+    them back for :func:`structured_leaf_outputs`."""
+    if not LEAF_OUTPUTS_FLAT:
+        return out
+    flat, layout = _flatten_leaf_output(out)
+    if fake_run:
+        _pending.layout = layout
+    return flat
+
+
+def structured_leaf_outputs(flat):
+    """Traced by Dynamo right after a leaf call: the leaf's output with its structure.
+
+    torch 2.13+: ``flat`` is already that. torch 2.11: rebuilt from the layout the call's
+    fake run left, which is also stored on the call's node for the leaf pass."""
+    if not LEAF_OUTPUTS_FLAT:
+        return flat
+    return _rebuild(_take_leaf_output_shape(), flat)
+
+
+class _HeldFlag(threading.local):
+    held: bool = False
+
+
+_leaf_call_flag = _HeldFlag()
+
+
+def hold_compiling_flag_until_compile_end() -> None:
+    """From the backend on, hold ``torch.compiler.is_compiling()`` True until the compile ends.
+
+    torch 2.13+ holds it itself. On torch 2.11 Dynamo builds the frame's guards after the
+    backend returns, reading module attributes the Python way, so a DeepSpeed ZeRO-3
+    ``_parameters`` dict all-gathers a leaf's parameter there (the guard Dynamo just made on
+    its partitioned size then fails on the same frame). No graph input is created after the
+    backend starts, so 2.11's "non-strict export" reading of the flag changes nothing."""
+    _hold_compiling_flag()
+
+
+def _hold_compiling_flag() -> None:
+    import torch.compiler as compiler
+
+    if compiler.is_compiling():
+        return
+    compiler._is_compiling_flag = True
+    _leaf_call_flag.held = True
+    from torch._dynamo.callback import callback_handler, on_compile_end
+
+    if _release_at_compile_end not in callback_handler.end_callbacks:  # torch._dynamo.reset() clears them
+        on_compile_end(_release_at_compile_end)
+
+
+@assume_constant_result
+def hold_compiling_flag_for_leaf_call() -> bool:
+    """Traced right before a leaf call: hold ``torch.compiler.is_compiling()`` True until the
+    traced code after it (:func:`structured_leaf_outputs`) lets go, or the compile ends.
+
+    torch 2.13+ holds it for the whole compile: nothing to do. torch 2.11 does not, and
+    Dynamo's fake call of the leaf swaps the leaf's parameters (``_reparametrize_module``)
+    before leafpass's fake implementation runs, reading each through DeepSpeed's
+    ``ZeROOrderedDict.__getitem__``, which all-gathers unless the flag is set. Between the
+    two points Dynamo creates no graph input but the leaf's parameters and buffers (static
+    sizes), so 2.11's reading of the flag in ``create_graph_input`` ("non-strict export":
+    no symbols lifted) changes nothing there. A compile that fails in between lets go
+    through Dynamo's end-of-compile callback."""
+    _hold_compiling_flag()
+    return True
+
+
+def _release_compiling_flag() -> None:
+    if _leaf_call_flag.held:
+        import torch.compiler as compiler
+
+        compiler._is_compiling_flag = False
+        _leaf_call_flag.held = False
+
+
+def _release_at_compile_end(_args=None) -> None:
+    _release_compiling_flag()
+
+
+@assume_constant_result
+def _take_leaf_output_shape() -> tuple:
+    # Runs at trace time (Dynamo folds the result into a constant): the invoke node of
+    # the leaf call just traced is the last one in the graph being built.
+    _release_compiling_flag()
+    layout, _pending.layout = _pending.layout, None
+    if layout is None:
+        raise AssertionError("leafpass: no output layout was recorded by the leaf's fake run")
+    graph = _output_graph().current_tracer.graph
+    node = next(n for n in reversed(graph.nodes) if n.target is invoke_leaf_function_op())
+    node.meta[LAYOUT_META] = layout
+    return layout.shape
+
+
+class LeafNodeParts(NamedTuple):
+    """An ``invoke_leaf_function`` node, read the same on every supported torch.
+
+    ``fn``: the user's leaf function (its real implementation); ``out_spec``: the structure
+    of what it returned; ``out_at[i]``: the position among ``out_spec``'s leaves of the
+    node's flat output ``i``; ``args``, ``kwargs``: the call's arguments with each module
+    as a ``LeafModuleState``; ``attr_nodes``: the ``get_attr`` nodes only this call uses."""
+
+    fn: Any
+    out_spec: pytree.TreeSpec | None
+    out_at: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+    attr_nodes: tuple[torch.fx.Node, ...]
+
+
+def _attr_value(gm: torch.fx.GraphModule, node) -> Any:
+    return getattr(gm, node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
+def leaf_node_parts(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LeafNodeParts:
+    """The parts of an ``invoke_leaf_function`` node (see :class:`LeafNodeParts`).
+
+    torch 2.13+: ``(real_fn, fake_fn, input_spec, mutated, *flat)``; ``real_fn`` is a
+    ``_LeafCallable`` around a ``wrapper`` (``make_leaf_function_wrappers``) closing over
+    the user's ``fn`` and ``captured_out_spec``, filled by the fake run.
+    torch 2.11: ``(real_fn_spec, fake_fn_spec, *flat)``; unflattening ``real_fn_spec`` gives
+    Dynamo's ``wrapped_impl``, closing over the user's ``impl`` and ``input_spec``; the output
+    structure is the layout leafpass's fake run stored on the node (``LAYOUT_META``)."""
+    if LEAF_OUTPUTS_FLAT:
+        real_fn_spec = _attr_value(gm, node.args[0])
+        wrapped = _leaf_function_module().unwrap_fn_spec(real_fn_spec) if real_fn_spec is not None else None
+        closure = _closure(getattr(wrapped, "func", wrapped))  # a flat_apply _ConstantFunction
+        fn, input_spec, flat = closure.get("impl"), closure.get("input_spec"), node.args[2:]
+        layout = node.meta.get(LAYOUT_META)
+        out_spec, out_at = (layout.spec, layout.tensor_at) if layout is not None else (None, ())
+        attr_nodes = node.args[:2]
+    else:
+        closure = _closure(getattr(_attr_value(gm, node.args[0]), "_fn", None))
+        spec_box = closure.get("captured_out_spec")
+        fn, out_spec = closure.get("fn"), (spec_box[0] if spec_box else None)
+        out_at = tuple(range(out_spec.num_leaves)) if out_spec is not None else ()
+        input_spec, flat = _attr_value(gm, node.args[2]), node.args[4:]
+        attr_nodes = node.args[:3]
+    args, kwargs = pytree.tree_unflatten(list(flat), input_spec) if input_spec is not None else ((), {})
+    return LeafNodeParts(
+        fn=fn,
+        out_spec=out_spec,
+        out_at=out_at,
+        args=tuple(args),
+        kwargs=dict(kwargs),
+        attr_nodes=tuple(a for a in attr_nodes if isinstance(a, torch.fx.Node)),
+    )
+
+
+def size_hint(size) -> int:
+    """The concrete value behind a (possibly symbolic) size, without adding a guard:
+    ``optimization_hint`` (torch 2.13+), ``size_hint`` (2.11)."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    from torch.fx.experimental import symbolic_shapes
+
+    hint = getattr(symbolic_shapes, "optimization_hint", None) or symbolic_shapes.size_hint
+    return int(hint(size))
+
+
+@contextlib.contextmanager
+def compiling_flag_held():
+    """``torch.compiler.is_compiling()`` is True inside the block.
+
+    torch 2.13+ holds it True for a whole Dynamo compile, so code Dynamo calls without
+    tracing it (a leaf's fake run) sees it; 2.11 sets it only in traced code. DeepSpeed's
+    ``ZeROOrderedDict.__getitem__`` reads it: without it, a leaf's fake run all-gathers its
+    parameters into fake tensors. Hold it for the fake run only: 2.11 also reads it in
+    ``SubgraphTracer.create_graph_input`` as "non-strict export" (held through the whole
+    compile, dynamic-shape recompiles then fail in ``split_module``), and Dynamo creates no
+    graph input while a fake implementation runs."""
+    import torch.compiler as compiler
+
+    if compiler.is_compiling():
+        yield
+        return
+    saved = compiler._is_compiling_flag
+    compiler._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        compiler._is_compiling_flag = saved
 
 
 def next_checkpoint_graph_id() -> int:

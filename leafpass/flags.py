@@ -79,8 +79,15 @@ ClassSpec = Union[Type[torch.nn.Module], str]
 
 
 def z3_leaf_module(model: torch.nn.Module) -> bool:
-    """Return True if ``model`` itself is flagged as a ZeRO-3 leaf (``_z3_leaf`` is set and truthy)."""
-    return bool(getattr(model, _LEAF_ATTR, False))
+    """Return True if ``model`` itself is flagged as a ZeRO-3 leaf (``_z3_leaf`` is set and truthy).
+
+    The one check of the flag outside Dynamo (capture's eager path, the runtimes). It reads
+    the instance ``__dict__`` first: a plain ``getattr`` miss on an unflagged module goes
+    through ``nn.Module.__getattr__`` and an exception."""
+    own = model.__dict__
+    if _LEAF_ATTR in own:
+        return bool(own[_LEAF_ATTR])
+    return hasattr(type(model), _LEAF_ATTR) and bool(getattr(model, _LEAF_ATTR))
 
 
 def z3_leaf_parameter(model: torch.nn.Parameter) -> bool:

@@ -39,11 +39,8 @@ import re
 import torch
 import torch.fx
 
+from .graph_nodes import GATHER_META, checkpoint_region_of, is_prefetch_node, is_prefetch_start_node
 from .leaf_call import leaf_call_of, plain_source, qualname_from_source
-from .passes.bucket_gathers import is_prefetch_start_node
-from .passes.inline_checkpoint import checkpoint_region_of
-from .passes.insert_gathers import GATHER_META
-from .passes.insert_prefetch import is_prefetch_node
 
 __all__ = ["format_graph"]
 

@@ -45,28 +45,14 @@ gatherer wraps the call::
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
+from .runtime import engine_of
+from .options import GATHER_POLICIES, check_gather  # noqa: F401  (their home is options.py)
+
 __all__ = ["GATHER_POLICIES", "check_gather", "gather_stats", "root_gatherer"]
-
-GATHER_POLICIES: Mapping[str, str] = {
-    "auto": "'step' when the whole model fits under the engine's live-parameter cap, else 'module'",
-    "step": "gather the whole model in one collective before the compiled forward, release it after backward",
-    "module": "gather inside the graph, in buckets, each freed after its last use and gathered again for backward",
-    "hooks": "let the engine's module hooks gather each module (a graph break per hooked module)",
-}
-
-
-def check_gather(value: Any) -> str:
-    """``value`` if it names a gather policy, else a ValueError listing the valid ones."""
-    if not isinstance(value, str) or value not in GATHER_POLICIES:
-        valid = "; ".join(f"{name!r}: {what}" for name, what in GATHER_POLICIES.items())
-        raise ValueError(f"z3leaf option 'gather' must be one of {list(GATHER_POLICIES)}; got {value!r}. {valid}")
-    return value
-
 
 _NOT_A_ROOT = object()
 # module -> weakref to its gatherer, or _NOT_A_ROOT. A gatherer holds its root (through the
@@ -95,12 +81,11 @@ def _cached(module: nn.Module):
 
 
 def _find_gatherer(module: nn.Module):
-    # Only modules DeepSpeed has registered carry ds_id; importing the DeepSpeed runtime
-    # (and DeepSpeed) is left to models that have it.
-    if "ds_id" in module.__dict__:
-        from .runtime.deepspeed_gatherer import DeepSpeedGatherer
-
-        gatherer = DeepSpeedGatherer.for_root(module)
+    # Only modules an engine has registered carry its mark (DeepSpeed: ds_id); the engine's
+    # gatherer (and the engine) is imported only for models that have it.
+    engine = engine_of(module)
+    if engine is not None and engine.gatherer is not None:
+        gatherer = engine.load("gatherer")(module)
         if gatherer is not None:
             return gatherer
     return _NOT_A_ROOT

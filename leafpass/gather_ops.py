@@ -109,7 +109,7 @@ class LiveGathered:
 live_gathered = LiveGathered()
 
 
-@torch.library.custom_op("leafpass::gather_start", mutates_args=())
+@torch.library.custom_op("leafpass::gather_start", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def gather_start(params: list[torch.Tensor], bucket: int) -> torch.Tensor:
     """Issue the all-gather of bucket ``bucket``; returns the buffer it fills."""
     pending = _in_flight.pop(bucket, None)
@@ -127,7 +127,7 @@ def _gather_start_fake(params: list[torch.Tensor], bucket: int) -> torch.Tensor:
     return params[0].new_empty(found.buffer_numel, dtype=found.dtype)
 
 
-@torch.library.custom_op("leafpass::gather_wait", mutates_args=())
+@torch.library.custom_op("leafpass::gather_wait", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def gather_wait(buffer: torch.Tensor, params: list[torch.Tensor], bucket: int) -> list[torch.Tensor]:
     """Wait for bucket ``bucket``'s all-gather; return each parameter whole."""
     pending = _in_flight.get(bucket)

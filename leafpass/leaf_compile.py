@@ -35,32 +35,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["LEAF_COMPILE_MODES", "check_leaf_compile", "leaf_compile_stats", "LeafCompiler"]
+from .options import LEAF_COMPILE_MODES, check_leaf_compile  # noqa: F401  (the option lives with the others)
 
-LEAF_COMPILE_MODES: Mapping[str, str] = {
-    "off": "run each leaf's forward eagerly (DeepSpeed ZeRO-3's own behaviour)",
-    "inner": "run each leaf's forward through torch.compile with the inner compiler (dynamic shapes, graph "
-             "breaks allowed inside); the leaf stays one opaque call with its prefetch_all in the outer graph",
-}
+__all__ = ["LEAF_COMPILE_MODES", "check_leaf_compile", "leaf_compile_stats", "LeafCompiler"]
 
 # leaf class qualified name -> graphs compiled for its forward (all instances, all calls)
 _graphs_by_class: dict[str, int] = {}
-
-
-def check_leaf_compile(value: Any) -> str:
-    """``value`` if it names a leaf-compile mode, else a ValueError listing the valid ones."""
-    if not isinstance(value, str) or value not in LEAF_COMPILE_MODES:
-        valid = "; ".join(f"{name!r}: {what}" for name, what in LEAF_COMPILE_MODES.items())
-        raise ValueError(
-            f"z3leaf option 'leaf_compile' must be one of {list(LEAF_COMPILE_MODES)}; got {value!r}. {valid}"
-        )
-    return value
 
 
 def leaf_compile_stats() -> dict[str, int]:

@@ -28,7 +28,6 @@ Each compiled piece is compiled with fake inputs taken from the traced graph's
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Callable
 
 import torch
@@ -36,71 +35,20 @@ import torch.fx
 from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
-from .leaf_arguments import BuildArgument
-from .leaf_call import leaf_call_of
+from .graph_nodes import CheckpointRegion, checkpoint_region_of, is_leaf_call_node, is_prefetch_node, leaf_partitions
+from .runtime import in_leaf_environment, leaf_environments_active
 from .leaf_compile import LeafCompiler
-from .passes.leaf_call_module import ARGUMENT_META
-from .runtime import _leaf_environments, in_leaf_environment
 from .runtime.leaf_inputs import leaf_input_for_deepspeed_backward_hook
-from .passes.inline_checkpoint import CheckpointRegion, checkpoint_region_of
-from .passes.insert_prefetch import is_prefetch_node
 from .shape_inference import LeafShapeError
 from .dynamo_internals import compiling_frame, is_first_compile_of_frame
 from .schedule_check import check_same_schedule, leaf_schedule
 
-__all__ = ["lower", "leaf_partitions"]
+__all__ = ["lower"]
 
 
 def _example(node: torch.fx.Node):
     meta = node.meta
     return meta.get("example_value", meta.get("val"))
-
-
-def leaf_partitions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
-    """Partition id of every node, in graph order.
-
-    A leaf piece holds a leaf's ``prefetch_all``, its ``call_module`` and the
-    ``getitem``/``getattr`` nodes unpacking its output, and the nodes that build its
-    object arguments before it and read them back after it (``ARGUMENT_META``);
-    every other stretch of nodes is one compiled piece.
-    """
-    part: dict[torch.fx.Node, int] = {}
-    current, current_is_leaf = 0, False
-    leaf_values: set[torch.fx.Node] = set()
-    previous = None
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
-        if _builds_argument(node):
-            if not (previous is not None and _builds_argument(previous)):
-                current, current_is_leaf = current + 1, True
-        elif is_prefetch_node(node):
-            if not (previous is not None and _builds_argument(previous)):
-                current, current_is_leaf = current + 1, True
-        elif node.op == "call_module" and leaf_call_of(node) is not None:
-            if not (previous is not None and (is_prefetch_node(previous) or _builds_argument(previous))):
-                current, current_is_leaf = current + 1, True
-            leaf_values.add(node)
-        elif current_is_leaf and (_unpacks(node, leaf_values) or ARGUMENT_META in node.meta):
-            leaf_values.add(node)
-        elif current_is_leaf:
-            current, current_is_leaf = current + 1, False
-        part[node] = current
-        previous = node
-    return part
-
-
-def _builds_argument(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and isinstance(node.target, BuildArgument)
-
-
-def _unpacks(node: torch.fx.Node, values: set[torch.fx.Node]) -> bool:
-    return (
-        node.op == "call_function"
-        and node.target in (operator.getitem, getattr)
-        and isinstance(node.args[0], torch.fx.Node)
-        and node.args[0] in values
-    )
 
 
 class _CompiledPiece(torch.nn.Module):
@@ -140,14 +88,14 @@ def lower(
     With ``leaf_compiler`` (option ``leaf_compile="inner"``), each leaf's ``forward``
     runs compiled inside its eager module call (see ``leaf_compile``)."""
     schedule = leaf_schedule(gm)
-    if not any(leaf_call_of(n) is not None for n in gm.graph.nodes if n.op == "call_module"):
+    if not any(is_leaf_call_node(n) for n in gm.graph.nodes):
         return _CheckedProgram(inner(gm, example_inputs), schedule)
     part = leaf_partitions(gm)
 
     by_name = {n.name: n for n in gm.graph.nodes}
 
     split = split_module(gm, None, lambda n: part[n], keep_original_order=True, keep_original_node_name=True)
-    leaf_pids = {pid for n, pid in part.items() if leaf_call_of(n) is not None or is_prefetch_node(n)}
+    leaf_pids = {pid for n, pid in part.items() if is_leaf_call_node(n) or is_prefetch_node(n)}
 
     for node in split.graph.nodes:
         if node.op != "call_module" or not node.target.startswith("submod_"):
@@ -220,7 +168,7 @@ class _LeafPiece(torch.nn.Module):
 
     def _run(self, *args):
         with contextlib.ExitStack() as stack:
-            if _leaf_environments:
+            if leaf_environments_active():
                 stack.enter_context(in_leaf_environment())
             if self.leaf_compiler is not None:
                 stack.enter_context(self.leaf_compiler.swapped(self.leaf_modules))

@@ -9,6 +9,16 @@ The op returns nothing, so compilers would delete it as dead code. It is
 registered as an ORDERED effect: functionalization and aot_autograd thread an
 effect token through it (``with_effects``), inductor keeps it, and no pass
 reorders it across another effectful op.
+
+Every leafpass op (these two and ``gather_ops``' ``gather_start`` / ``gather_wait``) acts
+on host-side state: DeepSpeed's parameter status and its all-gather handles, leafpass's
+registries of buckets and gathers in flight. A CUDA graph replays kernels, never Python,
+so a replay would skip the gather and read stale parameters. Each op is therefore tagged
+``torch.Tag.cudagraph_unsafe`` (inductor then leaves CUDA graphs off for a graph holding
+one, or partitions around it with ``graph_partition``), and the backend compiles a piece
+that holds one without CUDA graphs under ``mode="reduce-overhead"``
+(:func:`holds_host_state_op`), because inductor does not see the tag through the
+``with_effects`` wrapper of an effectful op.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from torch import nn
 
 from .runtime import runtime_for
 
-__all__ = ["prefetch_all", "prefetch_start", "register_leaf", "lookup_leaf"]
+__all__ = ["prefetch_all", "prefetch_start", "register_leaf", "lookup_leaf", "holds_host_state_op"]
 
 _ids = itertools.count(1)
 _id_of: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
@@ -48,7 +58,7 @@ def lookup_leaf(leaf_id: int, leaf: str = "?") -> nn.Module:
     return module
 
 
-@torch.library.custom_op("leafpass::prefetch_all", mutates_args=())
+@torch.library.custom_op("leafpass::prefetch_all", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def prefetch_all(params: list[torch.Tensor], leaf: str, leaf_id: int) -> None:
     """Gather every parameter of leaf ``leaf`` through the runtime that owns them."""
     module = lookup_leaf(leaf_id, leaf)
@@ -65,7 +75,7 @@ torch.library._register_effectful_op(
 )
 
 
-@torch.library.custom_op("leafpass::prefetch_start", mutates_args=())
+@torch.library.custom_op("leafpass::prefetch_start", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def prefetch_start(leaf: str, leaf_id: int) -> None:
     """Issue, without waiting, the gather the leaf's ``prefetch_all`` will wait for
     (``gather="module"`` with a prefetch distance). Runtimes without ``prefetch_start``
@@ -93,3 +103,12 @@ def _prefetch_start_fake(leaf: str, leaf_id: int) -> None:
 torch.library._register_effectful_op(
     "leafpass::prefetch_start", torch._library.effects.EffectType.ORDERED
 )
+
+
+def holds_host_state_op(gm: torch.fx.GraphModule) -> bool:
+    """True when ``gm`` calls one of leafpass's ops (all hold host-side state: see above)."""
+    return any(
+        node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+        and node.target.namespace == "leafpass"
+        for node in gm.graph.nodes
+    )

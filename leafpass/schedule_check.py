@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.fx
 
+from .graph_nodes import GATHER_META
 from .leaf_call import leaf_call_of
 
 __all__ = [
@@ -58,8 +59,6 @@ def leaf_schedule(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
     """``(leaf qualified name, parameter count)`` of every prefetched leaf call, and
     ``("gather <modules>", elements)`` of every in-graph gather (``gather="module"``), in
     graph order: every collective the program issues at its own initiative."""
-    from .passes.insert_gathers import GATHER_META
-
     schedule = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and (call := leaf_call_of(node)) is not None and call.params:

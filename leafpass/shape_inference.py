@@ -25,9 +25,11 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+# not torch.func.functional_call: it calls module(...), so hooks (DeepSpeed's gathers)
+# would run on the fake call; the leaf's forward alone runs under the whole parameters
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .dynamo_internals import graph_inputs_by_fake
+from .dynamo_internals import graph_inputs_by_fake, size_hint
 from .leaf_arguments import call_with_objects
 from .runtime import logical_shape
 
@@ -75,9 +77,7 @@ def _is_data_dependent(err: BaseException) -> bool:
 
 def _hint(size) -> int:
     """The concrete value behind a (possibly symbolic) size, without adding a guard."""
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-    return int(optimization_hint(size)) if isinstance(size, torch.SymInt) else int(size)
+    return size_hint(size)
 
 
 def _symbols_by_hint(fake_inputs) -> dict[int, torch.SymInt]:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import re
+from packaging.version import InvalidVersion, Version
 
 __all__ = ["in_range"]
 
 
 def in_range(version: str, low: tuple[int, ...], high: tuple[int, ...]) -> bool:
-    """True when ``version`` (``"2.13.0+cpu"``, ``"0.19.8"``) lies in ``[low, high)``,
-    compared on as many leading numbers as ``low`` has."""
-    match = re.match(r"^" + r"\.".join([r"(\d+)"] * len(low)), str(version))
-    return match is not None and low <= tuple(int(x) for x in match.groups()) < high
+    """True when ``version`` (``"2.13.0+cpu"``, ``"0.19.8"``, ``"2.14.0a0+git1234"``) lies in
+    ``[low, high)``, compared on its release numbers (``packaging.version``), as many as
+    ``low`` has; a version packaging cannot read is out of range."""
+    try:
+        release = Version(str(version)).release
+    except InvalidVersion:
+        return False
+    numbers = (tuple(release) + (0,) * len(low))[: len(low)]
+    return low <= numbers < high

@@ -112,7 +112,7 @@ def test_eager_rows_have_no_compile_figures(quick_result):
 
 def _zero3_row(way: str, step_ms: float, peak: int, gathers: float, gather=None, settings=None, graphs=1,
                breaks=0) -> dict:
-    from leafpass import zero3_compare as zc
+    from leafpass.tools import zero3_compare as zc
 
     backend, limits, way_gather = zc.WAY_SETUPS[way]
     return {
@@ -217,3 +217,21 @@ def test_hf_moe_compares_ways_and_reports_the_issue_goals(hf_tiny_row):
     assert all(g["way"] == "z3leaf_step" for g in goals.values())  # the fastest z3leaf way
     text = hf_moe.table(rows)
     assert "z3leaf gather=step" in text and "0.65x" in text
+
+
+def test_module_call_overhead_runs_and_writes_its_json(tmp_path):
+    """``benchmarks/module_call_overhead.py`` with tiny sizes: a table, a JSON with both ways."""
+    out = tmp_path / "module_call_overhead.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "module_call_overhead.py"), "--modules", "20",
+         "--rounds", "2", "--forwards", "2", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert [r["way"] for r in result["rows"]] == ["torch (no leafpass)", "import leafpass"]
+    assert result["module_calls_per_forward"] == 21
+    assert all(len(t) == 2 for t in result["times_s"].values())
+    assert "per module call" in proc.stdout and "leafpass's __call__ wrapper" in proc.stdout

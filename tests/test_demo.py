@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from leafpass import zero3_compare as zc
+from leafpass.tools import zero3_compare as zc
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,8 +129,19 @@ def test_table_and_reading_on_stdout(demo_run):
     for way in WAYS:
         label = zc.WAY_LABELS[way]
         assert any(line.startswith(f"| {label}") for line in out.splitlines()), label
-    assert "losses match eager" in out and "z3leaf: 1 graphs / 0 breaks (gather=step)" in out
-    assert "z3leaf_strict: 1 graphs / 0 breaks (gather=module, buckets of 0 elements, prefetch distance 0)" in out
+    # it ends with at most five short lines; the long reading is in the JSON (and --explain)
+    ending = out.rstrip().split("\n\n")[-1].splitlines()
+    assert ending == demo_run["summary"] and len(ending) <= 5, ending
+    assert ending[0] == "graphs / breaks: inductor_strict %d/%d, z3leaf 1/0, z3leaf_strict 1/0" % (
+        demo_run["rows"][1]["graphs"], demo_run["rows"][1]["graph_breaks"])
+    # strict ways are read against eager ZeRO-3 under strict limits, which this run leaves out
+    assert ending[1].startswith("step vs eager ZeRO-3 (wall, CPU): z3leaf ") and "strict" not in ending[1]
+    assert ending[2] == f"losses equal eager's: yes, every compiled way (tolerance {zc.LOSS_TOLERANCE:g})"
+    assert ending[3].startswith("peak gathered elements: ") and all(len(line) <= 120 for line in ending)
+    assert "losses match eager" not in out and "losses match eager" in demo_run["reading"]
+    assert "z3leaf: 1 graphs / 0 breaks (gather=step)" in demo_run["reading"]
+    assert ("z3leaf_strict: 1 graphs / 0 breaks (gather=module, buckets of 0 elements, prefetch distance 0)"
+            in demo_run["reading"])
     strict_line = next(line for line in out.splitlines() if line.startswith(f"| {zc.WAY_LABELS['z3leaf_strict']}"))
     assert "| module (bucket 0, prefetch 0) |" in strict_line
     # The progress bars go to stderr, one per way.
@@ -138,7 +149,7 @@ def test_table_and_reading_on_stdout(demo_run):
 
 
 def test_default_ways_compare_default_and_strict_limits():
-    from leafpass.demo import DEMO_WAYS, parse_args
+    from leafpass.tools.demo import DEMO_WAYS, parse_args
 
     assert parse_args([]).ways == list(DEMO_WAYS)
     limits = {zc.WAY_SETUPS[w][1] or zc.CompareSpec().zero_limits for w in DEMO_WAYS}
@@ -159,7 +170,7 @@ def test_every_way_has_a_setup_and_a_label_and_module_ways_their_options():
     }
     assert zc.z3leaf_options("z3leaf_strict", spec) == {"inner": "aot_eager", "gather": "auto"}
     assert zc.z3leaf_options("eager_strict", spec) is None
-    from leafpass.backend import _check_options
+    from leafpass.options import check_options as _check_options
 
     for way in zc.WAYS:  # every way's options are valid z3leaf options
         if zc.WAY_SETUPS[way][0] == "z3leaf":
@@ -181,7 +192,7 @@ def test_every_way_has_a_setup_and_a_label_and_module_ways_their_options():
     ],
 )
 def test_bad_flags_are_one_line_errors(argv, message, capsys):
-    from leafpass.demo import main
+    from leafpass.tools.demo import main
 
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -190,7 +201,7 @@ def test_bad_flags_are_one_line_errors(argv, message, capsys):
 
 
 def test_missing_deepspeed_names_the_extra(monkeypatch, capsys):
-    from leafpass.demo import main
+    from leafpass.tools.demo import main
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # "import deepspeed" raises ImportError
     assert main(["--steps", "3"]) == 2
@@ -262,7 +273,7 @@ def test_gathered_elements_tracker_counts_in_graph_gathers():
     import torch
 
     from leafpass.gather_ops import live_gathered
-    from leafpass.runtime.deepspeed_probe import GatheredElementsTracker
+    from leafpass.tools.deepspeed_probe import GatheredElementsTracker
 
     tracker = GatheredElementsTracker(torch.nn.Linear(2, 2))  # no ZeRO-3 parameters: in-graph gathers only
     before = len(live_gathered.listeners)
@@ -308,3 +319,30 @@ def test_spec_validation():
     assert zc.CompareSpec().zero_kwargs() == {}  # DeepSpeed's default limits
     assert zc.CompareSpec(zero_limits="strict").zero_kwargs()["max_live_parameters"] == 0
     assert zc.CompareSpec().zero_kwargs("strict")["max_live_parameters"] == 0  # a *_strict way's own
+
+
+def test_demo_summary_is_five_short_lines_from_rows():
+    from leafpass.tools.summary import summary
+
+    losses = [[1.0, 0.5]]
+    rows = zc.attach_comparison([
+        _fake_row("eager", losses, step_ms=100.0, peak=9000),
+        _fake_row("z3leaf", losses, graphs=1, step_ms=85.0, peak=9000, gather="step"),
+        _fake_row("eager_strict", losses, step_ms=200.0, peak=2000),
+        _fake_row("inductor_strict", [[1.0, 0.6]], graphs=9, breaks=12, step_ms=300.0, peak=2000),
+        _fake_row("z3leaf_strict", losses, graphs=1, step_ms=160.0, peak=2500, gather="module"),
+        _fake_row("inductor", losses, error="AssertionError: wrong number of dimensions\nmore text"),
+    ])
+    lines = summary(rows, zc.LOSS_TOLERANCE)
+    assert lines == [
+        "graphs / breaks: z3leaf 1/0, inductor_strict 9/12, z3leaf_strict 1/0",
+        "step vs eager ZeRO-3 (wall, CPU): z3leaf 0.85x 0.85x, inductor_strict 1.50x 1.50x, z3leaf_strict 0.80x 0.80x",
+        "losses equal eager's: NO for inductor_strict (max diff 1.0e-01)",
+        "peak gathered elements: z3leaf 9,000 vs eager 9,000; inductor_strict 2,000 vs eager_strict 2,000; "
+        "z3leaf_strict 2,500 vs eager_strict 2,000",
+        "FAILED: inductor (AssertionError: wrong number of dimensions)",
+    ]
+    same = summary([r for r in rows if r["way"] in ("eager", "z3leaf")], zc.LOSS_TOLERANCE)
+    assert same[2] == f"losses equal eager's: yes, every compiled way (tolerance {zc.LOSS_TOLERANCE:g})"
+    assert summary([r for r in rows if r["way"] == "z3leaf"], 1e-5)[1] == "losses: not compared (eager ZeRO-3 did not run)"
+

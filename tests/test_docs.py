@@ -317,7 +317,7 @@ def test_api_reference_covers_every_public_name():
 
 
 def test_explain_options_are_documented():
-    from leafpass.explain import _parser
+    from leafpass.tools.explain import _parser
 
     text = API.read_text()
     options = [s for action in _parser()._actions for s in action.option_strings if s.startswith("--")]
@@ -329,7 +329,7 @@ def test_demo_options_are_documented():
     import contextlib
     import io
 
-    from leafpass.demo import parse_args
+    from leafpass.tools.demo import parse_args
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):

@@ -24,10 +24,128 @@ def fresh_dynamo():
 
 
 def test_torch_version_check():
-    internals.check_torch_version("2.13.0+cpu")
-    internals.check_torch_version("2.14.1")
-    with pytest.raises(RuntimeError, match=r">=2.13,<2.15 .*found torch 2.16.0"):
-        internals.check_torch_version("2.16.0")
+    for version in ("2.13.0+cpu", "2.14.1"):
+        internals.check_torch_version(version, environ={})
+    with pytest.raises(RuntimeError, match=r">=2.13,<2.15 .*found torch 2.16.0.*'torch==2.13.0'\)\.$"):
+        internals.check_torch_version("2.16.0", environ={})
+    with pytest.raises(RuntimeError, match=r"found torch 2.10.0.*'torch==2.13.0'\)\.$"):
+        internals.check_torch_version("2.10.0", environ={"LEAFPASS_EARLY_TORCH": "1"})
+
+
+def test_torch_2_11_and_2_12_run_when_asked_for_with_a_warning():
+    for version in ("2.11.0+cu130", "2.12.0"):
+        with pytest.raises(RuntimeError, match=r"set LEAFPASS_EARLY_TORCH=1 to run it on torch 2.11/2.12"):
+            internals.check_torch_version(version, environ={})
+        with pytest.warns(UserWarning, match=r"early torch \(2.1[12].*because LEAFPASS_EARLY_TORCH=1.*DynamicCache.*checkpointing"):
+            internals.check_torch_version(version, environ={"LEAFPASS_EARLY_TORCH": "1"})
+
+
+def test_leaf_function_api_is_the_one_this_torch_has():
+    # 2.11 lays the node out as (real_fn_spec, fake_fn_spec, *flat) and wants flat tensor
+    # outputs; 2.13 added make_leaf_function_wrappers and flattens outputs itself
+    from leafpass.versions import in_range
+
+    if in_range(torch.__version__, (2, 11), (2, 12)):
+        assert internals.LEAF_OUTPUTS_FLAT
+    if in_range(torch.__version__, (2, 12), (2, 15)):
+        assert not internals.LEAF_OUTPUTS_FLAT
+
+
+def test_size_hint_of_a_symbolic_size_adds_no_guard():
+    seen = []
+
+    def backend(gm, example_inputs):
+        fakes = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
+        sym = next(s for t in fakes if isinstance(t, torch.Tensor) for s in t.shape if isinstance(s, torch.SymInt))
+        seen.append((internals.size_hint(sym), internals.size_hint(7)))
+        return gm.forward
+
+    compiled = torch.compile(lambda x: x * 2, backend=backend, dynamic=True)
+    compiled(torch.randn(5))
+    compiled(torch.randn(9))  # no guard on the hint: the dynamic graph serves this size
+    assert seen == [(5, 7)]
+
+
+def test_compiling_flag_is_held_in_a_leaf_fake_run_and_restored():
+    seen = []
+
+    @internals.leaf_function
+    def double(x):
+        return (x * 2,)
+
+    @double.register_fake
+    def _double_fake(x):
+        with internals.compiling_flag_held():
+            seen.append(torch.compiler.is_compiling())
+        return (torch.empty_like(x),)
+
+    torch.compile(lambda x: double(x)[0] + 1, backend="eager", fullgraph=True)(torch.randn(3))
+    assert seen == [True]
+    assert not torch.compiler.is_compiling()
+    with internals.compiling_flag_held():
+        assert torch.compiler.is_compiling()
+    assert not torch.compiler.is_compiling()
+
+
+@pytest.mark.parametrize(
+    "make_output, n_tensors",
+    [
+        (lambda x: x * 2, 1),
+        (lambda x: (x * 2, {"aux": x + 1, "more": [x - 1]}), 3),
+        pytest.param(lambda x: (x * 2, {"n": 3, "tag": "a"}, None), 1, marks=pytest.mark.flat_leaf_outputs),
+        pytest.param(lambda x: None, 0, marks=pytest.mark.flat_leaf_outputs),
+        pytest.param(lambda x: (7, "tag"), 0, marks=pytest.mark.flat_leaf_outputs),
+    ],
+    ids=["tensor", "nested-tensors", "with-constants", "none", "no-tensor"],
+)
+def test_leaf_outputs_flatten_and_come_back_with_their_structure(request, make_output, n_tensors):
+    # Traced by Dynamo as capture does: a leaf_function returning flat_leaf_outputs(...),
+    # then structured_leaf_outputs(...) right after the call.
+    if request.node.get_closest_marker("flat_leaf_outputs") and not internals.LEAF_OUTPUTS_FLAT:
+        pytest.skip(f"torch {torch.__version__}'s Dynamo refuses a leaf_function output that is not a tensor")
+    module = torch.nn.Linear(3, 3)
+
+    @internals.leaf_function
+    def leaf(m, x):
+        return internals.flat_leaf_outputs(make_output(x), fake_run=False)
+
+    @leaf.register_fake
+    def _leaf_fake(m, x):
+        return internals.flat_leaf_outputs(make_output(x), fake_run=True)
+
+    nodes = []
+
+    def backend(gm, example_inputs):
+        nodes.extend(n for n in gm.graph.nodes if n.target is internals.invoke_leaf_function_op())
+        parts = internals.leaf_node_parts(gm, nodes[0])
+        assert parts.fn is leaf._torchdynamo_leaf_real_fn
+        assert parts.out_spec == pytree.tree_flatten(make_output(torch.ones(1)))[1]
+        assert len(parts.out_at) == n_tensors
+        assert internals._pending.layout is None  # the traced code emptied the slot
+        return gm.forward
+
+    def f(x):
+        out = internals.structured_leaf_outputs(leaf(module, x))
+        return out, x.sum()
+
+    x = torch.randn(2, 3)
+    out, _ = torch.compile(f, backend=backend, fullgraph=True)(x)
+    expected = make_output(x)
+    assert pytree.tree_structure(out) == pytree.tree_structure(expected)
+    for got, want in zip(pytree.tree_leaves(out), pytree.tree_leaves(expected)):
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(got, want)
+        else:
+            assert got == want
+    assert len(nodes) == 1
+
+
+def test_a_leaf_output_torch_2_11_cannot_rebuild_is_refused_by_name():
+    if not internals.LEAF_OUTPUTS_FLAT:
+        assert internals.flat_leaf_outputs({"a": object()}, fake_run=True)["a"] is not None  # passed through
+        return
+    with pytest.raises(TypeError, match=r"leaf's output must be made of tensors.*returned a .*Size.*torch>=2.13"):
+        internals.flat_leaf_outputs((torch.ones(1), torch.Size([2])), fake_run=True)
 
 
 def test_output_graph_facts_are_readable_at_backend_time():
@@ -99,12 +217,13 @@ def test_invoke_leaf_function_node_parts():
     def backend(gm, example_inputs):
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target is internals.invoke_leaf_function_op():
-                fn, out_spec = internals.leaf_callable_parts(getattr(gm, node.args[0].target))
-                input_spec = getattr(gm, node.args[2].target)
-                (state, args, kwargs), _ = pytree.tree_unflatten(list(node.args[4:]), input_spec)
+                parts = internals.leaf_node_parts(gm, node)
+                state, args, kwargs = parts.args
                 found.update(
-                    fn=fn,
-                    out_spec=out_spec,
+                    fn=parts.fn,
+                    out_spec=parts.out_spec,
+                    out_at=parts.out_at,
+                    n_attr_nodes=len(parts.attr_nodes),
                     state_type=type(state),
                     module=internals.module_by_index(state.nn_module_index),
                     n_params=len(state.named_parameters),
@@ -116,11 +235,13 @@ def test_invoke_leaf_function_node_parts():
     leafpass.set_z3_leaf_modules(model, [MoEBlock])
     # a backend that is not leafpass's captures nothing; call run_leaf through Dynamo directly
     def f(x):
-        return run_leaf(model.moe1, (x,), {})
+        return internals.structured_leaf_outputs(run_leaf(model.moe1, (x,), {}))
 
     torch.compile(f, backend=backend, fullgraph=True)(torch.randn(4, 8))
     assert found["fn"] is run_leaf._torchdynamo_leaf_real_fn
     assert found["out_spec"].num_leaves == 1
+    assert found["out_at"] == (0,)
+    assert found["n_attr_nodes"] == (2 if internals.LEAF_OUTPUTS_FLAT else 3)
     assert found["state_type"] is internals.leaf_module_state_type()
     assert found["module"] is model.moe1
     assert found["n_params"] == len(list(model.moe1.parameters()))
@@ -185,15 +306,15 @@ def test_graph_inputs_by_fake_inside_a_checkpoint_body():
 
     @internals.leaf_function
     def scale(x, w):
-        return x * w.sum()
+        return (x * w.sum(),)  # a flat tuple of tensors: what every supported torch accepts
 
     @scale.register_fake
     def _scale_fake(x, w):
         seen.append(internals.graph_inputs_by_fake().get(id(w)))
-        return torch.empty_like(x)
+        return (torch.empty_like(x),)
 
     def fn(x):
-        return torch.utils.checkpoint.checkpoint(lambda y: scale(lin(y), lin.weight), x, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(lambda y: scale(lin(y), lin.weight)[0], x, use_reentrant=False)
 
     def trace_only(gm, example_inputs):  # running the body is not what is checked here
         raise RuntimeError("traced")
@@ -211,3 +332,66 @@ def test_next_checkpoint_graph_id_shares_the_checkpoint_ops_counter():
     torch.compile(fn, backend="aot_eager", fullgraph=True)(torch.randn(2, 3, requires_grad=True))
     # tracing the tag_activation_checkpoint op took an id from the same counter
     assert internals.next_checkpoint_graph_id() > first + 2
+
+
+class _RecordingParameters(dict):
+    """A module's ``_parameters`` that records ``is_compiling()`` on every read, as DeepSpeed's
+    ``ZeROOrderedDict.__getitem__`` reads it (it all-gathers when False)."""
+
+    seen: list
+
+    def __getitem__(self, key):
+        if internals.compiling_frame() is not None:  # read while Dynamo traces, not when the program runs
+            type(self).seen.append(torch.compiler.is_compiling())
+        return super().__getitem__(key)
+
+
+def _recording_leaf_model():
+    model = TwoMoE(8)
+    leafpass.set_z3_leaf_modules(model, [MoEBlock])
+    _RecordingParameters.seen = []
+    router = model.moe1.router
+    router._parameters = _RecordingParameters(router._parameters)
+    return model
+
+
+def test_is_compiling_holds_through_dynamo_s_fake_call_of_a_leaf_and_is_let_go():
+    model = _recording_leaf_model()
+    torch.compile(model, backend="z3leaf", fullgraph=True, options={"inner": "eager"})(torch.randn(4, 8))
+    compile_reads = list(_RecordingParameters.seen)
+    assert compile_reads and all(compile_reads), compile_reads  # every read while compiling saw True
+    assert not torch.compiler.is_compiling()
+    assert not internals._leaf_call_flag.held
+
+
+def test_is_compiling_is_let_go_when_the_compile_fails_inside_a_leaf_call():
+    model = _recording_leaf_model()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no outputs today")
+
+    model.moe1.forward = broken
+    with pytest.raises(Exception, match="no outputs today"):
+        torch.compile(model, backend="z3leaf", fullgraph=True, options={"inner": "eager"})(torch.randn(4, 8))
+    assert not torch.compiler.is_compiling()
+    assert not internals._leaf_call_flag.held
+
+
+def test_is_compiling_holds_from_the_backend_to_the_end_of_the_compile(monkeypatch):
+    # torch 2.11 builds guards after the backend without the flag; leafpass holds it from
+    # the backend on (a ZeRO-3 _parameters dict read by a guard would otherwise all-gather)
+    from leafpass import backend
+
+    seen = []
+    inner = backend._compile_held
+
+    def spy(*args, **kwargs):
+        seen.append(torch.compiler.is_compiling())
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "_compile_held", spy)
+    model = TwoMoE(8)
+    leafpass.set_z3_leaf_modules(model, [MoEBlock])
+    torch.compile(model, backend="z3leaf", options={"inner": "eager"})(torch.randn(4, 8))
+    assert seen == [True]
+    assert not torch.compiler.is_compiling() and not internals._leaf_call_flag.held

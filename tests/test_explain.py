@@ -19,9 +19,9 @@ import torch._logging
 from torch import nn
 
 import leafpass
-from leafpass import explain
-from leafpass.explain_report import (Frame, ModuleIndex, _leaves, deepspeed_default_leaf_classes,
-                                     first_line_of_error, suggest_leaves)
+from leafpass.tools import explain
+from leafpass.tools.explain_report import (Frame, ModuleIndex, _leaves, deepspeed_default_leaf_classes,
+                                           first_line_of_error, suggest_leaves)
 from leafpass.testing.models import ExpertMLP, MoEBlock, TwoMoE
 
 REPO = Path(__file__).resolve().parents[1]

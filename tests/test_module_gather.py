@@ -18,7 +18,7 @@ from torch import nn
 
 import leafpass
 from leafpass.gather_ops import live_gathered
-from leafpass.runtime.deepspeed_module import ModulePlan, set_plan
+from leafpass.module_plan import ModulePlan, set_plan
 from leafpass.testing.models import MoEBlock
 from tests.compile_case import CompileTestCase
 

@@ -39,13 +39,10 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .insert_gathers import GATHER_META, emit_gather, gather_pairs
+from ..graph_nodes import GATHER_META, gather_pairs, is_prefetch_node, is_prefetch_start_node, leaf_partitions
+from .insert_gathers import emit_gather
 
 __all__ = ["bucket_gathers_pass", "is_prefetch_start_node"]
-
-
-def is_prefetch_start_node(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target == torch.ops.leafpass.prefetch_start.default
 
 
 def _merge(gm: torch.fx.GraphModule, run: list[tuple[torch.fx.Node, torch.fx.Node]], plan) -> None:
@@ -70,7 +67,7 @@ def _merge(gm: torch.fx.GraphModule, run: list[tuple[torch.fx.Node, torch.fx.Nod
 
 
 def _stretches(gm: torch.fx.GraphModule, piece: dict[torch.fx.Node, int]) -> list[list[tuple[torch.fx.Node, torch.fx.Node]]]:
-    """Gather pairs grouped by compiled stretch (``piece``: ``lower.leaf_partitions(gm)``), in graph order."""
+    """Gather pairs grouped by compiled stretch (``piece``: ``graph_nodes.leaf_partitions(gm)``), in graph order."""
     by_piece: dict[int, list] = {}
     for start, wait in gather_pairs(gm):
         by_piece.setdefault(piece[start], []).append((start, wait))
@@ -80,8 +77,6 @@ def _stretches(gm: torch.fx.GraphModule, piece: dict[torch.fx.Node, int]) -> lis
 def bucket_gathers_pass(gm: torch.fx.GraphModule, plan) -> torch.fx.GraphModule:
     """Merge adjacent gathers up to ``plan.bucket_elements``; start each ``plan.prefetch_distance``
     buckets early; issue each leaf's gather early the same way."""
-    from ..lower import leaf_partitions
-
     limit = int(plan.bucket_elements)
     for pairs in _stretches(gm, leaf_partitions(gm)):
         run: list = []
@@ -107,8 +102,6 @@ def bucket_gathers_pass(gm: torch.fx.GraphModule, plan) -> torch.fx.GraphModule:
 
 
 def _prefetch(gm: torch.fx.GraphModule, distance: int) -> None:
-    from ..lower import leaf_partitions
-
     piece = leaf_partitions(gm)  # after the merges
     for pairs in _stretches(gm, piece):
         for i, (start, _) in enumerate(pairs):
@@ -126,8 +119,6 @@ def _prefetch(gm: torch.fx.GraphModule, distance: int) -> None:
 
 def _next_prefetch(node: torch.fx.Node, piece: dict) -> torch.fx.Node | None:
     """The ``prefetch_all`` that ends the stretch ``node`` is in, if a leaf follows it."""
-    from .insert_prefetch import is_prefetch_node
-
     here = piece.get(node)
     cursor = node.next
     while cursor.op != "output":

@@ -45,7 +45,6 @@ Provides: ``checkpoint_regions_inlined`` (no leafpass leaf sits inside a
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 
 import torch
@@ -53,6 +52,7 @@ import torch.fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from ..dynamo_internals import next_checkpoint_graph_id
+from ..graph_nodes import CHECKPOINT_META, CheckpointRegion, checkpoint_region_of
 from .leaf_call_module import is_leafpass_leaf_node, leaf_module_of
 
 __all__ = [
@@ -63,24 +63,8 @@ __all__ = [
     "inline_checkpoint_pass",
 ]
 
-CHECKPOINT_META = "leafpass_checkpoint"
-
-
 class CheckpointPolicyError(RuntimeError):
     """A checkpoint region around a leaf asks for something leafpass cannot honour."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointRegion:
-    """The checkpoint region a node was copied out of: ``graph_id`` is the ``ac_graph_id``
-    its recomputed ops carry; ``preserve_rng_state`` the flag checkpoint was given."""
-
-    graph_id: int
-    preserve_rng_state: bool = True
-
-
-def checkpoint_region_of(node: torch.fx.Node) -> CheckpointRegion | None:
-    return node.meta.get(CHECKPOINT_META)
 
 
 def _is_checkpoint_node(node: torch.fx.Node) -> bool:

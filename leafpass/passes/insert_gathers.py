@@ -39,28 +39,10 @@ import torch.fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from ..gather_ops import register_bucket
-from ..leaf_call import leaf_call_of, qualname_from_source
-from .insert_prefetch import is_prefetch_node
+from ..graph_nodes import GATHER_META, GatherInfo, gather_pairs, is_leaf_call_node, is_prefetch_node, leaf_partitions
+from ..leaf_call import qualname_from_source
 
 __all__ = ["GATHER_META", "GatherInfo", "gather_pairs", "insert_gathers_pass", "mark_gather_node"]
-
-GATHER_META = "leafpass_gather"
-
-
-class GatherInfo:
-    """What one gather pair gathers (kept in the ``gather_start`` node's meta)."""
-
-    def __init__(self, bucket, modules: list[str]) -> None:
-        self.bucket = bucket
-        self.modules = modules
-
-    @property
-    def numel(self) -> int:
-        return self.bucket.numel
-
-    def __repr__(self) -> str:
-        return f"GatherInfo({self.modules}, {self.numel} elements)"
-
 
 def mark_gather_node(node: torch.fx.Node) -> None:
     # the partitioner regathers instead of saving (torch.utils.checkpoint's policy tags)
@@ -69,7 +51,7 @@ def mark_gather_node(node: torch.fx.Node) -> None:
 
 
 def _is_leaf_use(node: torch.fx.Node) -> bool:
-    return is_prefetch_node(node) or (node.op == "call_module" and leaf_call_of(node) is not None)
+    return is_prefetch_node(node) or is_leaf_call_node(node)
 
 
 def _param_name(node: torch.fx.Node) -> str:
@@ -90,20 +72,8 @@ def emit_gather(graph: torch.fx.Graph, before: torch.fx.Node, param_nodes: list,
     return start, gathered
 
 
-def gather_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
-    """``(gather_start, gather_wait)`` node pairs in graph order."""
-    pairs = []
-    for node in gm.graph.nodes:
-        if GATHER_META in node.meta:
-            wait = next(u for u in node.users if u.target == torch.ops.leafpass.gather_wait.default)
-            pairs.append((node, wait))
-    return pairs
-
-
 def insert_gathers_pass(gm: torch.fx.GraphModule, example_inputs: list, plan) -> torch.fx.GraphModule:
     """Gather, per compiled stretch and module, the parameters ``plan`` names, at first use."""
-    from ..lower import leaf_partitions
-
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     params = {

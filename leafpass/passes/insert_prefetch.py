@@ -21,17 +21,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from ..graph_nodes import is_prefetch_node
 from ..leaf_call import leaf_call_of
 from ..ops import register_leaf
 
 __all__ = ["insert_prefetch_pass", "is_prefetch_node"]
-
-
-def is_prefetch_node(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in (
-        torch.ops.leafpass.prefetch_all.default,
-        torch.ops.leafpass.prefetch_all,
-    )
 
 
 def insert_prefetch_pass(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -13,6 +13,10 @@ buffers and call arguments, and whose users index its flat outputs::
                                   moe1.router.weight, ..., linear)
     getitem = invoke[0]
 
+(That is torch 2.13's node; torch 2.11's is ``invoke_leaf_function(real_fn_spec,
+fake_fn_spec, 0, moe1.router.weight, ..., linear)``. The pass reads either through
+``dynamo_internals.leaf_node_parts`` and never indexes ``node.args`` itself.)
+
 The ``call_module`` targets the leaf by its qualified name and calls the real
 module, so its hooks run and its parameters are the real ``nn.Parameter`` objects.
 Structured outputs (``(tensor, dict)``) are unpacked with ``getitem`` chains in
@@ -35,19 +39,13 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from ..dynamo_internals import invoke_leaf_function_op, leaf_callable_parts, leaf_module_state_type, module_by_index
+from ..dynamo_internals import invoke_leaf_function_op, leaf_module_state_type, leaf_node_parts, module_by_index
 from ..leaf_arguments import BuildArgument, ReadObjectStates, has_object_state, is_object_state
 from ..leaf_call import META_KEY, LeafCall, qualname_from_source
+from ..graph_nodes import ARGUMENT_META  # its home: the graph vocabulary (lowering reads it)
 from ..names import qualname_of
 
 __all__ = ["leaf_call_module_pass", "is_leafpass_leaf_node", "leaf_module_of"]
-
-
-def _unwrap_leaf_callable(gm: torch.fx.GraphModule, node: torch.fx.Node):
-    """(wrapped python function, captured output spec) of an invoke_leaf_function node."""
-    callable_node = node.args[0]
-    obj = getattr(gm, callable_node.target) if callable_node.op == "get_attr" else None
-    return leaf_callable_parts(obj)
 
 
 def is_leafpass_leaf_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -55,8 +53,7 @@ def is_leafpass_leaf_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool
         return False
     from ..capture import run_leaf
 
-    fn, _ = _unwrap_leaf_callable(gm, node)
-    return fn is getattr(run_leaf, "_torchdynamo_leaf_real_fn", run_leaf)
+    return leaf_node_parts(gm, node).fn is getattr(run_leaf, "_torchdynamo_leaf_real_fn", run_leaf)
 
 
 def _leaf_module_and_name(node: torch.fx.Node, state):
@@ -103,11 +100,6 @@ def _emit_unflatten(graph: torch.fx.Graph, root: torch.fx.Node, spec) -> list[to
             cache[prefix] = graph.call_function(operator.getitem, (parent, key))
         flat.append(cache[tuple(path)])
     return flat
-
-
-#: ``meta`` key of the nodes that build a leaf's arguments and read them back after its
-#: call: they run in the leaf's piece, beside its ``call_module``
-ARGUMENT_META = "leafpass_leaf_argument"
 
 
 class _BuiltArguments:
@@ -174,9 +166,7 @@ def _emit_read_states(graph: torch.fx.Graph, leaf: str, built: _BuiltArguments, 
 
 def _leaf_call_parts(gm: torch.fx.GraphModule, node: torch.fx.Node):
     """``(LeafModuleState, call args, call kwargs)`` of a leafpass leaf node."""
-    input_spec = getattr(gm, node.args[2].target)
-    (outer_args, _outer_kwargs) = pytree.tree_unflatten(list(node.args[4:]), input_spec)
-    state, call_args, call_kwargs = outer_args
+    state, call_args, call_kwargs = leaf_node_parts(gm, node).args
     if not isinstance(state, leaf_module_state_type()):
         raise AssertionError(f"leafpass: unexpected leaf state {type(state).__name__}")
     return state, call_args, call_kwargs
@@ -190,14 +180,15 @@ def leaf_module_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.nn.Mo
 
 def leaf_call_module_pass(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite every leafpass ``invoke_leaf_function`` node into ``call_module``."""
-    from .inline_checkpoint import CHECKPOINT_META
+    from ..graph_nodes import CHECKPOINT_META
 
     graph = gm.graph
     calls_per_leaf: dict[str, int] = {}
     for node in list(graph.nodes):
         if not is_leafpass_leaf_node(gm, node):
             continue
-        _fn, out_spec = _unwrap_leaf_callable(gm, node)
+        parts = leaf_node_parts(gm, node)
+        out_spec = parts.out_spec
         state, call_args, call_kwargs = _leaf_call_parts(gm, node)
         module, name = _leaf_module_and_name(node, state)
         if out_spec is None:
@@ -231,17 +222,17 @@ def leaf_call_module_pass(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         example = node.meta.get("example_value")
         for user in list(node.users):
             if user.op == "call_function" and user.target is operator.getitem:
-                idx = user.args[1]
+                idx = parts.out_at[user.args[1]]
                 user.replace_all_uses_with(flat_outs[idx])
                 if "example_value" in user.meta:
                     flat_outs[idx].meta.setdefault("example_value", user.meta["example_value"])
                 graph.erase_node(user)
             else:
                 raise AssertionError(f"leafpass: unexpected use {user.format_node()} of leaf {name!r}")
-        if isinstance(example, (tuple, list)) and len(flat_outs) == len(example):
-            for out, ev in zip(flat_outs, example):
-                out.meta.setdefault("example_value", ev)
-        attrs = [a for a in node.args[:3] if isinstance(a, torch.fx.Node)]
+        if isinstance(example, (tuple, list)) and len(parts.out_at) == len(example):
+            for idx, ev in zip(parts.out_at, example):
+                flat_outs[idx].meta.setdefault("example_value", ev)
+        attrs = parts.attr_nodes
         graph.erase_node(node)
         for attr in attrs:
             if not attr.users:

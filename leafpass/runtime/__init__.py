@@ -13,12 +13,24 @@ The runtime is chosen per call: the one made active with :func:`use_runtime` if 
 else the engine that owns the parameters (DeepSpeed ZeRO-3 when they carry ``ds_id``),
 else :class:`NullRuntime`, which does nothing because unpartitioned parameters are
 already whole.
+
+This package's ``__init__`` is the runtime *interface*: capture, lowering and the ops
+import it, never an engine's module. Engines are found through :data:`ENGINES`, a table
+of the mark an engine's parameters and modules carry and the names of the functions that
+build its runtime and its gatherer; an engine's module (and the engine itself) is imported
+only when an object carrying its mark shows up. A new engine plugs in with one entry::
+
+    ENGINES:  Engine("deepspeed", mark="ds_id",
+                     runtime="leafpass.runtime.deepspeed:deepspeed_runtime",
+                     gatherer="leafpass.runtime.deepspeed_gatherer:gatherer_for_root")
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -27,7 +39,12 @@ from torch import nn
 from .null import NullRuntime
 
 __all__ = [
+    "ENGINES",
+    "Engine",
     "NullRuntime",
+    "engine_of",
+    "engine_version",
+    "leaf_environments_active",
     "in_leaf_environment",
     "leaf_environment",
     "PrefetchRuntime",
@@ -77,6 +94,11 @@ def leaf_environment(enter) -> Iterator[None]:
         _leaf_environments.remove(enter)
 
 
+def leaf_environments_active() -> bool:
+    """True while some :func:`leaf_environment` is active (leaf pieces then enter them)."""
+    return bool(_leaf_environments)
+
+
 @contextlib.contextmanager
 def in_leaf_environment() -> Iterator[None]:
     """Enter every active :func:`leaf_environment` (how leaf pieces run)."""
@@ -91,15 +113,71 @@ def active_runtime() -> PrefetchRuntime | None:
     return _stack[-1] if _stack else None
 
 
-def _is_deepspeed_param(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """An engine that partitions parameters, and where leafpass's code for it lives.
+
+    ``mark``: the attribute its partitioned parameters (and the modules it registered)
+    carry. ``runtime``: ``"module:function"``, ``function() -> PrefetchRuntime``.
+    ``gatherer``: ``"module:function"``, ``function(root module) -> gatherer or None``
+    (what wraps a compiled call of a partitioned root: ``leafpass.gather``), or None.
+    ``version``: ``"module:function"``, ``function() -> version`` that imports the engine
+    and raises if leafpass does not support its version."""
+
+    name: str
+    mark: str
+    runtime: str
+    gatherer: str | None = None
+    version: str | None = None
+
+    def load(self, what: str) -> Callable:
+        """The function named by ``what`` (``"runtime"``, ``"gatherer"``, ``"version"``),
+        imported on first use and kept."""
+        key = (self.name, what)
+        found = _loaded.get(key)
+        if found is None:
+            module, _, function = getattr(self, what).partition(":")
+            found = _loaded[key] = getattr(importlib.import_module(module), function)
+        return found
+
+
+_loaded: dict[tuple[str, str], Callable] = {}
+
+
+ENGINES: list[Engine] = [
+    Engine(
+        "deepspeed",
+        mark="ds_id",
+        runtime="leafpass.runtime.deepspeed:deepspeed_runtime",
+        gatherer="leafpass.runtime.deepspeed_gatherer:gatherer_for_root",
+        version="leafpass.runtime.deepspeed:check_deepspeed_version",
+    ),
+]
+
+
+def engine_version(name: str) -> str:
+    """Import engine ``name`` and return its version; raise if leafpass does not support it."""
+    for engine in ENGINES:
+        if engine.name == name and engine.version is not None:
+            return str(engine.load("version")())
+    raise ValueError(f"leafpass knows no engine {name!r}; known: {[e.name for e in ENGINES]}")
+
+
+def engine_of(obj) -> Engine | None:
+    """The engine whose mark ``obj`` carries (a module's mark is looked up in its
+    ``__dict__``: ``nn.Module.__getattr__`` would raise and catch on a miss)."""
+    found = obj.__dict__ if isinstance(obj, nn.Module) else None
+    for engine in ENGINES:
+        if (engine.mark in found) if found is not None else hasattr(obj, engine.mark):
+            return engine
+    return None
 
 
 def _engine_runtime(params: Sequence[torch.Tensor]) -> PrefetchRuntime:
-    if any(_is_deepspeed_param(p) for p in params):
-        from .deepspeed import deepspeed_runtime
-
-        return deepspeed_runtime()
+    for p in params:
+        engine = engine_of(p)
+        if engine is not None:
+            return engine.load("runtime")()
     return _NULL
 
 

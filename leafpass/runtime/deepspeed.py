@@ -28,20 +28,16 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..flags import z3_leaf_module  # DeepSpeed reads the same flag: module._z3_leaf
 from ..versions import in_range
-from .deepspeed_probe import CollectiveCounter, CollectiveEvent, count_collectives
+from ..wrapped import wrapped_functions
 
 __all__ = [
     "SUPPORTED_DEEPSPEED",
-    "CollectiveCounter",
-    "CollectiveEvent",
     "DeepSpeedRuntime",
-    "attach_deepspeed_comm",
     "check_deepspeed_version",
-    "count_collectives",
     "dedupe_params",
     "deepspeed_runtime",
-    "skip_cpu_shm_comm_build",
 ]
 
 # The private DeepSpeed APIs below were read and tested in 0.19.8.
@@ -95,29 +91,8 @@ def _offload_for(leaf: nn.Module):
 
 def _find_function(obj, name: str, depth: int = 3):
     """``obj`` or a function it wraps (``__wrapped__`` or a closure cell) whose code is ``name``."""
-    seen: set[int] = set()
-    frontier = [obj]
-    for _ in range(depth + 1):
-        nxt = []
-        for fn in frontier:
-            if id(fn) in seen:
-                continue
-            seen.add(id(fn))
-            code = getattr(fn, "__code__", None)
-            if code is not None and code.co_name == name:
-                return fn
-            wrapped = getattr(fn, "__wrapped__", None)
-            if wrapped is not None:
-                nxt.append(wrapped)
-            for cell in getattr(fn, "__closure__", None) or ():
-                try:
-                    content = cell.cell_contents
-                except ValueError:  # empty cell
-                    continue
-                if callable(content):
-                    nxt.append(content)
-        frontier = nxt
-    return None
+    return next((f for f in wrapped_functions(obj, depth)
+                 if getattr(getattr(f, "__code__", None), "co_name", None) == name), None)
 
 
 def _coordinator_private(coordinator, name: str):
@@ -132,10 +107,6 @@ def _coordinator_private(coordinator, name: str):
             f"deepspeed {_SUPPORTED_TEXT}. Found deepspeed {check_deepspeed_version()}."
         ) from None
 
-
-def _is_leaf(module: nn.Module) -> bool:
-    # deepspeed/utils/z3_leaf_module.py: the leaf flag is module._z3_leaf.
-    return bool(getattr(module, "_z3_leaf", False))
 
 
 class DeepSpeedRuntime:
@@ -199,7 +170,7 @@ class DeepSpeedRuntime:
         start_gather(owner, missing)
         for p in started:
             del self._started[p]
-        wait_gathered(owner, missing + started, fast_fetch=_is_leaf(leaf), what=type(leaf).__name__)
+        wait_gathered(owner, missing + started, fast_fetch=z3_leaf_module(leaf), what=type(leaf).__name__)
 
     @torch.no_grad()
     def prefetch_start(self, leaf: nn.Module, params: list[nn.Parameter]) -> None:
@@ -394,7 +365,11 @@ def start_of_forward(owner) -> None:
 
 def max_live_parameters(owner) -> int:
     """``stage3_max_live_parameters`` as the offload object was built with it
-    (parameter_offload.py: ``self._max_available_parameters_in_numel``)."""
+    (parameter_offload.py: ``self._max_available_parameters_in_numel``).
+
+    DeepSpeed's public ``engine.zero_max_live_parameters()`` needs the engine, which
+    leafpass never holds: it is entered from the model's call, where only the offload
+    object (through the module hooks) is reachable."""
     return int(getattr(owner, "_max_available_parameters_in_numel"))
 
 
@@ -450,102 +425,14 @@ def deepspeed_runtime() -> DeepSpeedRuntime:
     return _runtime
 
 
-# ---------------------------------------------------------------- CPU setup (tests, benchmarks)
-
-_SHM_COMM_OP = "deepspeed_shm_comm"
-
-
-def skip_cpu_shm_comm_build() -> None:
-    """Keep DeepSpeed from JIT-building its CPU shared-memory comm op (75-112 s on 2 cores).
-
-    Relies on deepspeed/comm/torch.py (0.19.x): ``TorchBackend.__init__`` calls
-    ``build_shm_op()``, which loads (JIT-building on first use) the ``ShareMemCommBuilder``
-    op only when ``deepspeed.ops.__compatible_ops__`` marks it compatible; that dict is
-    probed once and cached in deepspeed/ops/__init__.py, so marking the op incompatible
-    before the backend is built makes DeepSpeed fall back to plain torch.distributed
-    collectives (the op only speeds up inference all-reduce; training never needs it).
-    """
-    check_deepspeed_version()
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    name = getattr(builder, "NAME", _SHM_COMM_OP) if builder is not None else _SHM_COMM_OP
-    deepspeed.ops.__compatible_ops__[name] = False
-
-
-def attach_deepspeed_comm() -> None:
-    """Attach ``deepspeed.comm`` to the ``torch.distributed`` group this process already joined.
-
-    Call after ``torch.distributed.init_process_group``; ``deepspeed.initialize`` then finds
-    its communication backend ready and builds nothing. The CPU shared-memory op is skipped
-    (:func:`skip_cpu_shm_comm_build`). Relies on deepspeed/comm/comm.py (0.19.x):
-    ``init_distributed`` wraps an initialised torch.distributed in a ``TorchBackend``.
-    """
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        raise RuntimeError("attach_deepspeed_comm() needs torch.distributed.init_process_group() first")
-    skip_cpu_shm_comm_build()
-    import deepspeed.comm as ds_comm
-
-    if ds_comm.is_initialized():
-        return
-    ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-
-
 # ----------------------------------------------------- what gather="module" needs
-
-
-def shard(param: nn.Parameter) -> tuple[torch.Tensor, object]:
-    """``(this rank's shard, partition process group)`` of a ZeRO-3 ``param``.
-
-    partition_parameters.py (0.19.x), ``Init._partition_param``: the flat parameter is
-    padded to ``partition_size * world`` (``_aligned_size``) and rank ``r`` of
-    ``param.ds_process_group`` keeps elements ``[r * partition_size, (r + 1) *
-    partition_size)`` in ``param.ds_tensor`` (``ds_tensor.ds_numel == partition_size``).
-    So concatenating the ranks' shards in rank order and cutting at ``ds_numel`` gives the
-    parameter. Quantized shards, hpZ secondary shards and NVMe-offloaded shards do not
-    follow that layout in memory; they are refused with the way out.
-    """
-    t = getattr(param, "ds_tensor", None)
-    why = None
-    if t is None:
-        why = "it has no ds_tensor (not partitioned by deepspeed.zero.Init)"
-    elif t.dtype != param.dtype or hasattr(t, "ds_quant_scale"):
-        why = "its shard is stored quantized (zero_quantized_weights / quantized_nontrainable_weights)"
-    elif getattr(param, "ds_secondary_tensor", None) is not None:
-        why = "it has an hpZ secondary shard (zero_hpz_partition_size > 1)"
-    elif _on_nvme(t):
-        why = "its shard lives on NVMe (offload_param to nvme)"
-    elif t.device != param.device:
-        why = f"its shard lives on {t.device} (offload_param) while the parameter is used on {param.device}"
-    elif int(t.numel()) != int(getattr(t, "ds_numel", t.numel())):
-        why = "its shard's size differs from ds_tensor.ds_numel"
-    if why is not None:
-        raise NotImplementedError(
-            f"leafpass: gather='module' cannot gather ZeRO-3 parameter {param.ds_summary() if hasattr(param, 'ds_summary') else ''}: "
-            f"{why}. Use options={{'gather': 'step'}} or {{'gather': 'hooks'}} for this model."
-        )
-    return t, param.ds_process_group
-
-
-def _on_nvme(shard_tensor: torch.Tensor) -> bool:
-    """partition_parameters.py (0.19.x) sets ``ds_tensor.final_location`` to
-    ``OffloadDeviceEnum.nvme`` (a ``str`` enum) for an NVMe-offloaded shard, None otherwise;
-    stage3.py (``_move_to_flat_buffer``) sets it to ``'not-nvme'``
-    for the shards it moves into its own flat buffers (``offload_param`` to cpu, say)."""
-    return getattr(shard_tensor, "final_location", None) == "nvme"
-
-
-def persistent(param: nn.Parameter) -> bool:
-    """DeepSpeed keeps ``param`` gathered at all times (``stage3_param_persistence_threshold``)."""
-    return bool(getattr(param, "ds_persist", False))
 
 
 def prefetch_bucket_size(owner) -> int:
     """``stage3_prefetch_bucket_size`` as the coordinator was built with it
-    (partitioned_param_coordinator.py: ``self.__prefetch_bucket_sz``)."""
+    (partitioned_param_coordinator.py: ``self.__prefetch_bucket_sz``). Not
+    ``engine.zero_prefetch_bucket_size()``: leafpass holds no engine (see
+    :func:`max_live_parameters`)."""
     return int(_coordinator_private(owner.get_param_coordinator(), "prefetch_bucket_sz"))
 
 

@@ -72,12 +72,15 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .. import dynamo_internals as internals
-from ..gather import check_gather
+from ..options import check_gather
+from ..flags import z3_leaf_module
 from ..gather_ops import live_gathered
 from ..schedule_check import check_same_gather, check_same_leaves
 from . import deepspeed as ds
 from . import leaf_environment
-from .deepspeed_module import ModulePlan, StandIns, set_plan
+from ..module_plan import ModulePlan, set_plan
+from .deepspeed_module import ShardPlan, StandIns
+from .deepspeed_shards import persistent
 
 __all__ = ["DeepSpeedGatherer", "StepStats"]
 
@@ -93,6 +96,8 @@ class StepStats:
         self.gathered_elements = 0  # by the last call
         self.peak_gathered_elements = 0
         self.releases = 0
+        # gather="module": (bucket_elements, prefetch_distance) of the last such call
+        self.module_settings: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return (f"StepStats(policy={self.policy!r}, calls={self.calls}, gathered_elements="
@@ -100,16 +105,12 @@ class StepStats:
                 f"releases={self.releases})")
 
 
-def _leaf(module: nn.Module) -> bool:
-    return bool(getattr(module, "_z3_leaf", False))
-
-
 def _outside_leaves(root: nn.Module) -> list[nn.Module]:
     """``root`` and every module not inside a flagged leaf's subtree (leaves excluded)."""
     found, stack = [], [root]
     while stack:
         module = stack.pop()
-        if module is not root and _leaf(module):
+        if module is not root and z3_leaf_module(module):
             continue
         found.append(module)
         stack.extend(reversed(list(module.children())))
@@ -213,7 +214,7 @@ class DeepSpeedGatherer:
         if chosen == "hooks":
             if not self._checked:  # every rank calls the model here: name leaves that differ
                 self._checked = True
-                check_same_leaves([name for name, m in root.named_modules() if m is not root and _leaf(m)])
+                check_same_leaves([name for name, m in root.named_modules() if m is not root and z3_leaf_module(m)])
             return None
         modules = _outside_leaves(root)
         self._check_leaves(root, modules)
@@ -256,7 +257,7 @@ class DeepSpeedGatherer:
             )
         for module in modules:
             for child in module.children():
-                if id(child) in self._leaves_ok or not _leaf(child):
+                if id(child) in self._leaves_ok or not z3_leaf_module(child):
                     continue
                 if not ds.leaf_when_hooked(child):
                     name = next((n for n, m in root.named_modules() if m is child), type(child).__name__)
@@ -290,10 +291,10 @@ class DeepSpeedGatherer:
         # ... but persistent parameters whole, the leaves' too, as DeepSpeed keeps them once
         # it has gathered them (before their first use they are partitioned: the first call
         # would see other shapes than the next ones, and the graph uses them as they are)
-        persistent = ds.not_available([p for p in params if ds.persistent(p)])
-        ds.gather_and_wait(self._owner, persistent, what="the persistent parameters")
+        kept_whole = ds.not_available([p for p in params if persistent(p)])
+        ds.gather_and_wait(self._owner, kept_whole, what="the persistent parameters")
         # ... and the parameters the graph gathers itself hold stand-ins
-        gathered = [p for p in params if id(p) in outside and not ds.persistent(p)]
+        gathered = [p for p in params if id(p) in outside and not persistent(p)]
         self._stand_ins.put_in(gathered)
         self.stats.gathered_elements = 0
         self._pending = ("module", None)
@@ -305,10 +306,11 @@ class DeepSpeedGatherer:
         set (Dynamo's guards on the flags then recompile, and the new compile reads the new
         plan; a program compiled for the old flags keeps its own buckets)."""
         bucket, distance = self.module_settings(options)
+        self.stats.module_settings = (bucket, distance)
         ids = frozenset(id(p) for p in gathered)
         plan = self._plans.get((ids, bucket, distance))
         if plan is None:
-            plan = self._plans[(ids, bucket, distance)] = ModulePlan(
+            plan = self._plans[(ids, bucket, distance)] = ShardPlan(
                 root=None, gather_ids=set(ids), bucket_elements=bucket, prefetch_distance=distance,
                 counter=_weak_counter(self), is_stand_in=self._stand_ins.is_stand_in,
                 param_names={id(p): name for name, p in self._root().named_parameters()},
@@ -486,16 +488,19 @@ def _reinsert(hooks: dict, order: list, taken: dict) -> None:
 
 
 def _release_after_backward(tensors: list[torch.Tensor], release: Callable[[], None]) -> None:
-    """Call ``release()`` when the first backward through any of ``tensors`` has finished."""
-
-    def on_grad(grad):
-        internals.queue_end_of_backward_callback(release)
-        return grad
-
-    for t in tensors:
-        t.register_hook(on_grad)
+    """Call ``release()`` when the first backward through any of ``tensors`` has finished:
+    torch's multi-grad hook ("any": once per backward, at the first of their gradients)
+    queues it to run once that backward is over."""
+    torch.autograd.graph.register_multi_grad_hook(
+        tensors, lambda grad: internals.queue_end_of_backward_callback(release), mode="any"
+    )
 
 
 # The gatherer's call runs where Dynamo's callback may be active; Dynamo must not try to
 # compile it as a frame of its own (it calls the compiled frame).
 internals.never_compile_as_frame(DeepSpeedGatherer.call.__code__)
+
+
+def gatherer_for_root(module: nn.Module) -> DeepSpeedGatherer | None:
+    """The engine table's entry point (``leafpass.runtime.ENGINES``)."""
+    return DeepSpeedGatherer.for_root(module)

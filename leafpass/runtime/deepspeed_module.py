@@ -12,14 +12,12 @@
   autograd hand each full-size gradient to the parameter's ``AccumulateGrad``, which
   DeepSpeed's gradient hook then reduce-scatters exactly as in eager ZeRO-3. The real
   (empty) data is put back once backward has finished.
-* :class:`ModulePlan`: what the compile of a frame under ``gather="module"`` needs from
-  the call that triggered it (which parameters to gather, bucket size, prefetch distance).
+* :class:`ShardPlan`: the :class:`~leafpass.module_plan.ModulePlan` whose buckets are
+  :class:`ShardBucket`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 import weakref
 
 import torch
@@ -27,16 +25,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import deepspeed as ds
+from ..module_plan import ModulePlan
+from .deepspeed_shards import shard
 
-__all__ = ["ModulePlan", "ShardBucket", "StandIns", "current_plan", "set_plan"]
+__all__ = ["ShardBucket", "ShardPlan", "StandIns"]
 
 
 class ShardBucket:
     """Parameters of one dtype and partition group, gathered by one collective."""
 
     def __init__(self, params: list[nn.Parameter], names: list[str], counter) -> None:
-        shards = [ds.shard(p) for p in params]
+        shards = [shard(p) for p in params]
         groups = {id(g) for _, g in shards}
         dtypes = {p.dtype for p in params}
         if len(groups) != 1 or len(dtypes) != 1:
@@ -63,7 +62,7 @@ class ShardBucket:
 
     @torch.no_grad()
     def start(self):
-        # the shards' layout was checked (ds.shard) when the bucket was made
+        # the shards' layout was checked (deepspeed_shards.shard) when the bucket was made
         shards = [p.ds_tensor for p in self.params()]
         send = torch.cat([s.reshape(-1) for s in shards]) if len(shards) > 1 else shards[0].reshape(-1)
         buffer = torch.empty(self.buffer_numel, dtype=self.dtype, device=send.device)
@@ -122,33 +121,8 @@ class StandIns:
                 p.data = data
 
 
-@dataclasses.dataclass
-class ModulePlan:
-    """What compiling a frame under ``gather="module"`` needs from the call that runs it."""
-
-    root: nn.Module | None  # the model (plans made by hand); None from the gatherer, which must not hold it
-    gather_ids: set[int]  # id() of the parameters the ops gather (stand-ins during the call)
-    bucket_elements: int
-    prefetch_distance: int
-    counter: object  # callable(numel): counts elements gathered
-    # callable(param) -> bool: does it hold a stand-in now (checked after the passes:
-    # leafpass.passes.check_stand_ins); None: judged by its strides
-    is_stand_in: object = None
-    param_names: dict | None = None  # id(parameter) -> qualified name, for messages
+class ShardPlan(ModulePlan):
+    """A :class:`~leafpass.module_plan.ModulePlan` whose buckets gather DeepSpeed shards."""
 
     def make_bucket(self, params: list[nn.Parameter], names: list[str]) -> ShardBucket:
         return ShardBucket(params, names, self.counter)
-
-
-_local = threading.local()
-
-
-def set_plan(plan: ModulePlan | None) -> ModulePlan | None:
-    """Make ``plan`` the one compiles in this thread see; returns the one it replaces."""
-    previous = getattr(_local, "plan", None)
-    _local.plan = plan
-    return previous
-
-
-def current_plan() -> ModulePlan | None:
-    return getattr(_local, "plan", None)

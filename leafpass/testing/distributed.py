@@ -10,6 +10,10 @@
 
     values = run_ranks(body, 3, world_size=2, timeout=60)   # values[rank]
 
+With ``process_group="nccl"`` (a CUDA machine, one GPU per rank) each rank joins an NCCL
+group instead, on ``cuda:RANK`` (``torch.cuda.set_device``), with ``DS_ACCELERATOR=cuda``;
+everything else below holds for both.
+
 Each rank is a fresh ``spawn`` process with ``DS_ACCELERATOR=cpu``, one thread
 (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``, ``TORCHINDUCTOR_COMPILE_THREADS=1``)
 and ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set, with a free
@@ -17,7 +21,7 @@ port per run. Before ``body`` runs, the rank joins a gloo process group
 (``init_process_group(timeout=pg_timeout)``, so a collective whose peer is gone fails
 instead of blocking forever) and, with ``deepspeed=True``, DeepSpeed's communication layer
 is attached to that group without JIT-building DeepSpeed's CPU shared-memory op (see
-:func:`leafpass.runtime.deepspeed.attach_deepspeed_comm`). Training code must also not
+:func:`leafpass.testing.deepspeed_cpu.attach_deepspeed_comm`). Training code must also not
 name ``Adam``/``AdamW`` as the config optimizer (that JIT-builds a CPU FusedAdam): pass a
 ``torch.optim`` optimizer to ``deepspeed.initialize`` instead; :func:`zero3_config` never
 names one.
@@ -183,6 +187,7 @@ def _rank_main(
     kwargs: dict,
     pg_timeout: float,
     attach_deepspeed: bool,
+    process_group: str = "gloo",
 ) -> None:
     os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
@@ -195,11 +200,13 @@ def _rank_main(
         import torch.distributed as dist
 
         torch.set_num_threads(1)
+        if process_group == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
+            process_group, init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
         )
         if attach_deepspeed:
-            from leafpass.runtime.deepspeed import attach_deepspeed_comm
+            from leafpass.testing.deepspeed_cpu import attach_deepspeed_comm
 
             attach_deepspeed_comm()
         value = fn(rank, world_size, *args, **kwargs)
@@ -251,17 +258,30 @@ def run_ranks(
     pg_timeout: float = 30.0,
     deepspeed: bool = True,
     env: dict[str, str] | None = None,
+    process_group: str = "gloo",
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; return the values.
+
+    ``process_group`` is ``"gloo"`` (CPU) or ``"nccl"`` (one CUDA GPU per rank).
 
     ``fn`` and its arguments must be picklable (``fn`` defined at module top level), and so
     must its return value. Raises :class:`DistributedRunError` if any rank raises, dies
     without reporting, exits non-zero or is still running after ``timeout`` seconds.
     """
+    if process_group not in ("gloo", "nccl"):
+        raise ValueError(f"run_ranks: process_group must be 'gloo' or 'nccl', got {process_group!r}")
+    if process_group == "nccl":
+        import torch
+
+        if torch.cuda.device_count() < world_size:
+            raise RuntimeError(
+                f"run_ranks(process_group='nccl') runs one rank per GPU: world_size={world_size} but "
+                f"torch sees {torch.cuda.device_count()} CUDA device(s); lower world_size or use 'gloo'"
+            )
     ctx = multiprocessing.get_context("spawn")
     child_env = {
-        "DS_ACCELERATOR": "cpu",
+        "DS_ACCELERATOR": "cuda" if process_group == "nccl" else "cpu",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "MASTER_ADDR": "127.0.0.1",
@@ -277,7 +297,7 @@ def run_ranks(
             reader, writer = ctx.Pipe(duplex=False)
             p = ctx.Process(
                 target=_rank_main,
-                args=(fn, rank, world_size, writer, args, kwargs, pg_timeout, deepspeed),
+                args=(fn, rank, world_size, writer, args, kwargs, pg_timeout, deepspeed, process_group),
                 name=f"rank{rank}",
                 daemon=False,  # a rank may start processes of its own (compile workers)
             )

@@ -70,7 +70,7 @@ class _CountingRuntime:
         return self.inner.logical_shape(param)
 
     def prefetch_all(self, leaf: torch.nn.Module, params: list) -> None:
-        from leafpass.runtime.deepspeed import count_collectives
+        from leafpass.tools.deepspeed_probe import count_collectives
 
         with count_collectives() as inside:
             self.inner.prefetch_all(leaf, params)
@@ -142,7 +142,7 @@ def _train(engine, loss_fn, n_steps: int, leaves: tuple[str, ...], *, compile_in
            routing: bool = False, gather: str | None = None) -> dict:
     import deepspeed
     import leafpass
-    from leafpass.runtime.deepspeed import count_collectives
+    from leafpass.tools.deepspeed_probe import count_collectives
     from leafpass.testing.models import routing_counts
 
     model = engine.module

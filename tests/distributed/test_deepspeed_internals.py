@@ -22,7 +22,8 @@ def _body(rank: int, world_size: int) -> dict:
     from deepspeed.utils import set_z3_leaf_modules
 
     from leafpass.runtime import deepspeed as ds
-    from leafpass.runtime.deepspeed_probe import GatheredElementsTracker, count_collectives
+    from leafpass.runtime import deepspeed_shards
+    from leafpass.tools.deepspeed_probe import GatheredElementsTracker, count_collectives
     from leafpass.testing.models import MoEBlock, TwoMoE
 
     torch.manual_seed(0)
@@ -68,8 +69,8 @@ def _body(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
     out["prefetch_bucket"] = ds.prefetch_bucket_size(owner)
-    out["persistent"] = [ds.persistent(p) for p in params]
-    shards = [ds.shard(p) for p in params]
+    out["persistent"] = [deepspeed_shards.persistent(p) for p in params]
+    shards = [deepspeed_shards.shard(p) for p in params]
     out["shard_group_is_param_group"] = all(g is p.ds_process_group for p, (_, g) in zip(params, shards))
     whole_by_shards = []
     for p, (t, g) in zip(params, shards):
@@ -95,7 +96,7 @@ def _body(rank: int, world_size: int) -> dict:
     out["leaf_when_hooked"] = {"moe1": ds.leaf_when_hooked(root.moe1), "root": ds.leaf_when_hooked(root)}
     out["leaf_marks"] = sorted({n.split(".")[0] for n, p in root.named_parameters()
                                 if getattr(p, "ds_z3_leaf_module", None) is not None})
-    out["on_nvme"] = any(ds._on_nvme(p.ds_tensor) for p in params)
+    out["on_nvme"] = any(deepspeed_shards._on_nvme(p.ds_tensor) for p in params)
     out["shard_locations"] = sorted({str(getattr(p.ds_tensor, "final_location", None)) for p in params})
     out["root_flagged_by_threshold"] = ds.root_flagged_by_threshold(owner, root)
     out["emptied_when_nothing_kept"] = ds.empty_released_data(params)

@@ -105,7 +105,7 @@ def _train(engine, batch, prefetch: bool, n_steps: int, leaves: tuple[str, ...] 
     import deepspeed
     from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
-    from leafpass.runtime.deepspeed import count_collectives
+    from leafpass.tools.deepspeed_probe import count_collectives
     from leafpass.testing.models import routing_counts
 
     model = engine.module
@@ -466,7 +466,7 @@ def test_importing_the_runtime_does_not_import_deepspeed():
     import sys
 
     code = (
-        "import sys, leafpass.runtime.deepspeed, leafpass.runtime.deepspeed_probe\n"
+        "import sys, leafpass.runtime.deepspeed, leafpass.tools.deepspeed_probe\n"
         "assert 'deepspeed' not in sys.modules, sorted(m for m in sys.modules if 'deepspeed' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -111,7 +111,7 @@ def _train(engine, forward, n_micro: int, batch_fn) -> dict:
     import deepspeed
 
     import leafpass
-    from leafpass.runtime.deepspeed import count_collectives
+    from leafpass.tools.deepspeed_probe import count_collectives
 
     from leafpass.leaf_compile import leaf_compile_stats
 

@@ -27,7 +27,7 @@ in several ways (:data:`WAY_SETUPS`):
 
 ::
 
-    from leafpass.zero3_compare import CompareSpec, compare, markdown_table, reading
+    from leafpass.tools.zero3_compare import CompareSpec, compare, markdown_table, reading
 
     rows = compare(CompareSpec(steps=8, ranks=2))
     print(markdown_table(rows)); print(reading(rows))
@@ -114,7 +114,7 @@ WAY_OPTIONS: dict[str, dict[str, Any]] = {
 # the goal of gather="module": a step at most this fraction of eager ZeRO-3's under strict
 # limits, at no higher peak gathered elements
 MODULE_GOAL_VS_EAGER_STRICT = 0.8
-INNER_CHOICES = ("inductor", "aot_eager", "eager")
+from leafpass import INNER_COMPILERS as INNER_CHOICES  # noqa: E402  (one list: the backend's)
 LOSS_TOLERANCE = 1e-5  # max |loss - eager loss| over every step of every rank
 
 # ZeRO-3 limits (zero3_config keyword arguments). "strict": gather each module when it is
@@ -138,7 +138,7 @@ DEFINITIONS = {
     "gather_settings": "ways whose gather resolved to 'module': the bucket_elements and prefetch_distance it "
     "ran with (the options', else the engine's stage3_prefetch_bucket_size and 1, or 0 when that is 0)",
     "peak_gathered_elements": "most ZeRO-3 parameter elements gathered at once during a steady step, max over "
-    "ranks (leafpass.runtime.deepspeed_probe.GatheredElementsTracker): DeepSpeed's AVAILABLE parameters plus "
+    "ranks (leafpass.tools.deepspeed_probe.GatheredElementsTracker): DeepSpeed's AVAILABLE parameters plus "
     "the buffers and weights gather='module''s in-graph gathers hold (gather_ops.live_gathered); gathers in "
     "flight count from their start; persistent parameters left out",
     "graphs": "graphs Dynamo compiled in rank 0 over the whole run "
@@ -150,7 +150,7 @@ DEFINITIONS = {
     "recompile_limit_hits": "rank 0: times Dynamo hit config.recompile_limit for a frame "
     "(it runs eagerly from then on)",
     "all_gathers_per_step": "all-gather collectives rank 0 issued per steady step (median; "
-    "leafpass.runtime.deepspeed_probe.count_collectives, one call of a process-group collective = one)",
+    "leafpass.tools.deepspeed_probe.count_collectives, one call of a process-group collective = one)",
     "compile_s": "rank 0: wall seconds of the warm-up steps minus as many median steady steps: the first "
     "step (trace + compile) and the second (recompiles for what new routing changed, e.g. dynamic shapes)",
     "first_step_compile_s": "rank 0: wall seconds of the first step minus the median steady step",
@@ -179,9 +179,9 @@ class DeepSpeedMissing(RuntimeError):
 def check_deepspeed() -> str:
     """DeepSpeed's version; raise :class:`DeepSpeedMissing` with an install hint if it is missing."""
     try:
-        from .runtime.deepspeed import check_deepspeed_version
+        from leafpass.runtime import engine_version
 
-        return check_deepspeed_version()
+        return engine_version("deepspeed")
     except ImportError as exc:
         raise DeepSpeedMissing(
             f"DeepSpeed is not installed ({exc}); install it with: pip install 'leafpass[deepspeed]'"
@@ -294,9 +294,10 @@ class _HookTimer:
     def install(self, engine) -> None:
         import torch
 
-        from .runtime.deepspeed import _offload_for, deepspeed_runtime
+        from leafpass.runtime import runtime_for
 
-        offload = _offload_for(engine.module)
+        # DeepSpeed's own handle on the object whose methods its module hooks call
+        offload = getattr(engine.optimizer, "parameter_offload", None)
         if offload is None:
             raise RuntimeError("hook timing: no DeepSpeed ZeRO-3 hooks found on the engine's module")
         for method, kind in self.KINDS.items():
@@ -312,7 +313,7 @@ class _HookTimer:
 
             setattr(offload, method, torch.compiler.disable(timed))
 
-        runtime = deepspeed_runtime()
+        runtime = runtime_for(list(engine.module.parameters()))  # DeepSpeed's, process-wide
         original_prefetch = runtime.prefetch_all
 
         def timed_prefetch(leaf, params):
@@ -437,10 +438,10 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
 
     limit_hits = _quiet_logs(spec.quiet)
 
-    from .gather import gather_stats
-    from .runtime.deepspeed_probe import GatheredElementsTracker, count_collectives
-    from .testing.distributed import zero3_config
-    from .testing.models import MoEBlock, MoEStack
+    from leafpass import gather_stats
+    from .deepspeed_probe import GatheredElementsTracker, count_collectives
+    from leafpass.testing.distributed import zero3_config
+    from leafpass.testing.models import MoEBlock, MoEStack
 
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -523,15 +524,12 @@ def _rank_body(rank: int, world_size: int, way: str, spec: CompareSpec) -> dict[
 
     graphs = int(counters["stats"]["unique_graphs"])
     breaks = int(sum(counters["graph_break"].values()))
-    policy = getattr(gather_stats(engine.module), "policy", None) if way_backend == "z3leaf" else None
+    stats = gather_stats(engine.module) if way_backend == "z3leaf" else None
+    policy = getattr(stats, "policy", None)
     gather_settings = None
-    if policy == "module":
-        from .gather import root_gatherer
-
-        gatherer = root_gatherer(engine.module)
-        if gatherer is not None and hasattr(gatherer, "module_settings"):
-            bucket, distance = gatherer.module_settings(z3leaf_options(way, spec))
-            gather_settings = {"bucket_elements": bucket, "prefetch_distance": distance}
+    if policy == "module" and getattr(stats, "module_settings", None) is not None:
+        bucket, distance = stats.module_settings
+        gather_settings = {"bucket_elements": bucket, "prefetch_distance": distance}
     reasons: dict[str, int] = {}
     for reason, count in counters["graph_break"].items():
         text = str(reason).strip().splitlines()
@@ -689,7 +687,7 @@ def run_way(way: str, spec: CompareSpec, *, keep_going: bool = True) -> dict[str
     if way not in WAYS:
         raise ValueError(f"unknown way {way!r}; choose from {list(WAYS)}")
     check_deepspeed()
-    from .testing.distributed import DistributedRunError, run_ranks
+    from leafpass.testing.distributed import DistributedRunError, run_ranks
 
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:

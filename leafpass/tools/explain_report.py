@@ -377,9 +377,7 @@ def _model_name_of_submodule(index: ModuleIndex, gm: torch.fx.GraphModule, targe
     return index.name_of.get(id(module), target)
 
 
-def _is_prefetch(node: torch.fx.Node) -> bool:
-    op = torch.ops.leafpass.prefetch_all
-    return node.op == "call_function" and node.target in (op.default, op)
+_is_prefetch = leafpass.is_prefetch_node  # the graph vocabulary's predicate (leafpass.graph_nodes)
 
 
 def _prefetches_of(index: ModuleIndex, gm: torch.fx.GraphModule) -> list[dict[str, Any]]:

@@ -209,7 +209,7 @@ class GatheredElementsTracker:
       ``gather="step"``). Persistent parameters (below
       ``stage3_param_persistence_threshold``) are never partitioned and are left out.
     * leafpass's in-graph gathers (``gather="module"``): the whole weights the compiled
-      graph's gather ops made and has not freed yet, ``leafpass.gather_ops.live_gathered.live``.
+      graph's gather ops made and has not freed yet, ``leafpass.live_gathered.live``.
       These parameters stay partitioned (NOT_AVAILABLE) in DeepSpeed's eyes, so the first
       count misses them.
 
@@ -240,9 +240,8 @@ class GatheredElementsTracker:
 
     @staticmethod
     def _live_gathered():
-        # gather_ops imports torch only (no DeepSpeed); it is imported here, not at the
-        # top, so that this module stays importable without torch.
-        from ..gather_ops import live_gathered
+        # imported here, not at the top, so that this module stays importable without torch
+        from leafpass import live_gathered
 
         return live_gathered
 

@@ -7,10 +7,11 @@ under strict limits (each module gathered at its entry, released after use), eag
 the compiled graph gathers each non-leaf module itself, right before its first use, and
 frees it after its last, one graph per forward as well). They train the same ``MoEStack``
 on the same data (each rank its own batches, so the ranks route tokens differently); a
-progress bar per way on stderr, then a table side by side and a short reading of it on
-stdout (which compares the strict ``module`` way with eager ZeRO-3 under strict limits:
-step time and peak gathered elements). ``--ways`` adds others, e.g. ``z3leaf_module``
-(``gather="module"`` with larger buckets). See :mod:`leafpass.zero3_compare` for what each
+progress bar per way on stderr, then a table side by side on stdout, ending with at most
+five short lines (:mod:`leafpass.tools.summary`): graphs and breaks, step time against
+eager ZeRO-3 (wall and CPU), losses equal or not, peak gathered elements. ``--explain``
+prints the long reading too (goals, bucket settings, all-gathers); ``--json`` keeps it. ``--ways`` adds others, e.g. ``z3leaf_module``
+(``gather="module"`` with larger buckets). See :mod:`leafpass.tools.zero3_compare` for what each
 column means. Offline, CPU only (gloo), a few minutes on 2 cores with the defaults.
 """
 
@@ -36,6 +37,7 @@ from .zero3_compare import (
     markdown_table,
     reading,
 )
+from .summary import summary
 
 __all__ = ["DEMO_WAYS", "main", "parse_args"]
 
@@ -117,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=_seconds, default=defaults.timeout,
                    help=f"seconds allowed per way, all ranks together (default {defaults.timeout:.0f})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--explain", action="store_true",
+                   help="after the table, the long reading: goals, bucket settings, all-gathers, compile time")
     p.add_argument("--verbose", action="store_true",
                    help="keep DeepSpeed's info logs and Dynamo's recompile-limit warnings")
     args = p.parse_args(argv)
@@ -183,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.flush()
     print()
     print(markdown_table(rows))
-    print()
-    print(reading(rows))
-    print(f"\n(deepspeed {ds_version}; {wall:.0f} s in all; load average {_loadavg()})", flush=True)
+    if args.explain:
+        print()
+        print("\n".join(part.strip() for part in reading(rows).split("; ")))
+    print(f"\n(deepspeed {ds_version}; {wall:.0f} s in all; load average {_loadavg()}"
+          + (f"; wrote {args.json}" if args.json else "; --explain for the long reading") + ")")
     if args.json:
         _write_json(args.json, spec, rows, wall, ds_version)
-        print(f"wrote {args.json}")
+    print()
+    print("\n".join(summary(rows, LOSS_TOLERANCE)), flush=True)
     return 1 if any(r.get("error") for r in rows) else 0
 
 
@@ -220,6 +227,8 @@ def _write_json(path: str, spec: CompareSpec, rows: list[dict], wall: float, ds_
         },
         "wall_s": wall,
         "rows": rows,
+        "summary": summary(rows, LOSS_TOLERANCE),
+        "reading": reading(rows),
     }
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ from typing import Any, NoReturn
 
 __all__ = ["main", "load_target", "TargetError", "render_text"]
 
-INNER_CHOICES = ("aot_eager", "inductor", "eager")
+from leafpass import INNER_COMPILERS as INNER_CHOICES  # noqa: E402  (one list: the backend's)
 USAGE_HINT = "TARGET is path/to/file.py[:func] or package.module[:func]"
 _load_counter = itertools.count()
 

@@ -1,0 +1,86 @@
+"""The ``z3leaf`` backend's options, and the gather policies, in one place.
+
+The backend validates ``options`` here; the runtime reads the same names (a gatherer
+resolves ``gather`` per call) without importing the backend. ``GATHER_POLICIES`` says what
+each ``gather`` value does; ``leafpass.gather`` has the long story.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["GATHER_POLICIES", "INNER_COMPILERS", "LEAF_COMPILE_MODES", "OPTIONS", "check_gather",
+           "check_leaf_compile", "check_options"]
+
+GATHER_POLICIES: Mapping[str, str] = {
+    "auto": "'step' when the whole model fits under the engine's live-parameter cap, else 'module'",
+    "step": "gather the whole model in one collective before the compiled forward, release it after backward",
+    "module": "gather inside the graph, in buckets, each freed after its last use and gathered again for backward",
+    "hooks": "let the engine's module hooks gather each module (a graph break per hooked module)",
+}
+
+
+def check_gather(value: Any) -> str:
+    """``value`` if it names a gather policy, else a ValueError listing the valid ones."""
+    if not isinstance(value, str) or value not in GATHER_POLICIES:
+        valid = "; ".join(f"{name!r}: {what}" for name, what in GATHER_POLICIES.items())
+        raise ValueError(f"z3leaf option 'gather' must be one of {list(GATHER_POLICIES)}; got {value!r}. {valid}")
+    return value
+
+
+LEAF_COMPILE_MODES: Mapping[str, str] = {
+    "off": "run each leaf's forward eagerly (DeepSpeed ZeRO-3's own behaviour)",
+    "inner": "run each leaf's forward through torch.compile with the inner compiler (dynamic shapes, graph "
+             "breaks allowed inside); the leaf stays one opaque call with its prefetch_all in the outer graph",
+}
+
+
+def check_leaf_compile(value: Any) -> str:
+    """``value`` if it names a leaf-compile mode, else a ValueError listing the valid ones."""
+    if not isinstance(value, str) or value not in LEAF_COMPILE_MODES:
+        valid = "; ".join(f"{name!r}: {what}" for name, what in LEAF_COMPILE_MODES.items())
+        raise ValueError(
+            f"z3leaf option 'leaf_compile' must be one of {list(LEAF_COMPILE_MODES)}; got {value!r}. {valid}"
+        )
+    return value
+
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+OPTIONS: Mapping[str, str] = {
+    "inner": f"compiler for the non-leaf pieces: one of {INNER_COMPILERS} or a backend callable",
+    "gather": f"who gathers non-leaf parameters of a partitioned model: one of {list(GATHER_POLICIES)}",
+    "bucket_elements": "gather='module': merge adjacent gathers up to this many elements "
+                       "(default: the engine's prefetch bucket, DeepSpeed stage3_prefetch_bucket_size)",
+    "prefetch_distance": "gather='module': start each gather this many buckets early "
+                         "(default: 1, or 0 when the engine's prefetch bucket is 0)",
+    "leaf_compile": f"how each leaf's own forward runs: one of {list(LEAF_COMPILE_MODES)} (default 'off')",
+}
+
+
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with every default filled in, or an error naming the option and the fix."""
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"z3leaf options must be a dict such as {{'inner': 'inductor'}}, got {type(options).__name__}"
+        )
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        valid = ", ".join(f"{k!r} ({v})" for k, v in OPTIONS.items())
+        raise ValueError(f"unknown z3leaf option(s) {unknown}; valid options: {valid}")
+    checked = {"inner": "inductor", "gather": "auto", "bucket_elements": None, "prefetch_distance": None,
+               "leaf_compile": "off", **options}
+    check_gather(checked["gather"])
+    check_leaf_compile(checked["leaf_compile"])
+    for key in ("bucket_elements", "prefetch_distance"):
+        value = checked[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"z3leaf option {key!r} must be an int >= 0 (or None for the engine's default); "
+                             f"got {value!r}")
+    inner = checked["inner"]
+    if not callable(inner) and inner not in INNER_COMPILERS:
+        raise ValueError(
+            f"z3leaf option 'inner' must be one of {list(INNER_COMPILERS)} or a backend callable "
+            f"(gm, example_inputs) -> callable; got {inner!r}"
+        )
+    return checked
