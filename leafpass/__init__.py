@@ -32,6 +32,7 @@ from .format import format_graph
 from .gather_ops import live_gathered
 from .gather import gather_stats
 from .graph_nodes import is_leaf_call_node, is_prefetch_node
+from .leaf_compile import leaf_compile_stats
 from .integrations import accelerate as _accelerate_integration
 from .options import GATHER_POLICIES, INNER_COMPILERS, OPTIONS
 from .integrations.backend_names import register_backend, register_from_environment as _register_from_environment
@@ -61,6 +62,7 @@ __all__ = [
     "apply_leaf_module_config",
     "format_graph",
     "gather_stats",
+    "leaf_compile_stats",
     "get_z3_leaf_modules",
     "is_leaf_call_node",
     "is_prefetch_node",

@@ -15,6 +15,7 @@ import torch.fx
 from .capture import annotate_input_sources, warn_if_call_replaced
 from .dynamo_internals import hold_compiling_flag_until_compile_end
 from .graph_nodes import gather_info_of
+from .leaf_compile import LeafCompiler
 from .lower import lower
 from .module_plan import current_plan
 from .options import INNER_COMPILERS, OPTIONS, check_options
@@ -83,7 +84,10 @@ def _compile_held(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str
         check_stand_ins(gm, list(example_inputs), plan.is_stand_in, plan.param_names)
         inner = _recomputing(checked["inner"], mode)
     notify_graph(gm)
-    program = lower(gm, list(example_inputs), inner)
+    leaf_compiler = None
+    if checked["leaf_compile"] == "inner":
+        leaf_compiler = LeafCompiler(resolve_inner(checked["inner"], mode), (checked["inner"], mode))
+    program = lower(gm, list(example_inputs), inner, leaf_compiler)
     if plan is not None:  # the gather ops find their buckets while the program holds them
         program.gather_buckets = [info.bucket for node in gm.graph.nodes if (info := gather_info_of(node))]
     return program

@@ -17,12 +17,17 @@ its ``prefetch_all`` and the leaf's forward again before the leaf's backward. Th
 compiled pieces around it recompute the region's other ops through the inner
 compiler's partitioner (the ops carry checkpoint's recompute tags).
 
+With ``options={"leaf_compile": "inner"}`` a leaf piece still runs its
+``prefetch_all`` and the leaf's module call eagerly, but the leaf's ``forward``
+inside that call runs through ``torch.compile`` (``leafpass.leaf_compile``).
+
 Each compiled piece is compiled with fake inputs taken from the traced graph's
 ``example_value`` metadata (the leaf's real outputs cannot be faked by running it).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -32,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .graph_nodes import CheckpointRegion, checkpoint_region_of, is_leaf_call_node, is_prefetch_node, leaf_partitions
 from .runtime import in_leaf_environment, leaf_environments_active
+from .leaf_compile import LeafCompiler
 from .runtime.leaf_inputs import leaf_input_for_deepspeed_backward_hook
 from .shape_inference import LeafShapeError
 from .dynamo_internals import compiling_frame, is_first_compile_of_frame
@@ -75,8 +81,12 @@ def lower(
     gm: torch.fx.GraphModule,
     example_inputs: list,
     inner: Callable[[torch.fx.GraphModule, list], Callable],
+    leaf_compiler: LeafCompiler | None = None,
 ) -> Callable:
-    """Split ``gm`` at its leaves and compile the non-leaf pieces with ``inner``."""
+    """Split ``gm`` at its leaves and compile the non-leaf pieces with ``inner``.
+
+    With ``leaf_compiler`` (option ``leaf_compile="inner"``), each leaf's ``forward``
+    runs compiled inside its eager module call (see ``leaf_compile``)."""
     schedule = leaf_schedule(gm)
     if not any(is_leaf_call_node(n) for n in gm.graph.nodes):
         return _CheckedProgram(inner(gm, example_inputs), schedule)
@@ -94,7 +104,7 @@ def lower(
         piece = getattr(split, node.target)
         if pid in leaf_pids:  # run eagerly: prefetch_all, the leaf, its unpacking
             region = _checkpoint_region(piece, by_name)
-            setattr(split, node.target, _LeafPiece(piece, _expected_outputs(piece, by_name), region))
+            setattr(split, node.target, _LeafPiece(piece, _expected_outputs(piece, by_name), region, leaf_compiler))
             continue
         inputs = []
         for ph in (n for n in piece.graph.nodes if n.op == "placeholder"):
@@ -134,9 +144,11 @@ class _LeafPiece(torch.nn.Module):
     caught here, with the leaf named, instead of feeding a compiled piece wrong sizes.
     """
 
-    def __init__(self, piece: torch.fx.GraphModule, expected: list, region: CheckpointRegion | None = None) -> None:
+    def __init__(self, piece: torch.fx.GraphModule, expected: list, region: CheckpointRegion | None = None,
+                 leaf_compiler: LeafCompiler | None = None) -> None:
         super().__init__()
         self.piece = piece
+        self.leaf_compiler = leaf_compiler
         self.expected = expected
         self.region = region
         self.leaves = [n.target for n in piece.graph.nodes if n.op == "call_module"]
@@ -155,10 +167,11 @@ class _LeafPiece(torch.nn.Module):
         return self._run(*args)
 
     def _run(self, *args):
-        if leaf_environments_active():
-            with in_leaf_environment():
-                out = self.piece(*args)
-        else:
+        with contextlib.ExitStack() as stack:
+            if leaf_environments_active():
+                stack.enter_context(in_leaf_environment())
+            if self.leaf_compiler is not None:
+                stack.enter_context(self.leaf_compiler.swapped(self.leaf_modules))
             out = self.piece(*args)
         values = out if isinstance(out, tuple) else (out,)
         for got, want in zip(values, self.expected):

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["GATHER_POLICIES", "INNER_COMPILERS", "OPTIONS", "check_gather", "check_options"]
+__all__ = ["GATHER_POLICIES", "INNER_COMPILERS", "LEAF_COMPILE_MODES", "OPTIONS", "check_gather",
+           "check_leaf_compile", "check_options"]
 
 GATHER_POLICIES: Mapping[str, str] = {
     "auto": "'step' when the whole model fits under the engine's live-parameter cap, else 'module'",
@@ -28,6 +29,23 @@ def check_gather(value: Any) -> str:
     return value
 
 
+LEAF_COMPILE_MODES: Mapping[str, str] = {
+    "off": "run each leaf's forward eagerly (DeepSpeed ZeRO-3's own behaviour)",
+    "inner": "run each leaf's forward through torch.compile with the inner compiler (dynamic shapes, graph "
+             "breaks allowed inside); the leaf stays one opaque call with its prefetch_all in the outer graph",
+}
+
+
+def check_leaf_compile(value: Any) -> str:
+    """``value`` if it names a leaf-compile mode, else a ValueError listing the valid ones."""
+    if not isinstance(value, str) or value not in LEAF_COMPILE_MODES:
+        valid = "; ".join(f"{name!r}: {what}" for name, what in LEAF_COMPILE_MODES.items())
+        raise ValueError(
+            f"z3leaf option 'leaf_compile' must be one of {list(LEAF_COMPILE_MODES)}; got {value!r}. {valid}"
+        )
+    return value
+
+
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 OPTIONS: Mapping[str, str] = {
     "inner": f"compiler for the non-leaf pieces: one of {INNER_COMPILERS} or a backend callable",
@@ -36,6 +54,7 @@ OPTIONS: Mapping[str, str] = {
                        "(default: the engine's prefetch bucket, DeepSpeed stage3_prefetch_bucket_size)",
     "prefetch_distance": "gather='module': start each gather this many buckets early "
                          "(default: 1, or 0 when the engine's prefetch bucket is 0)",
+    "leaf_compile": f"how each leaf's own forward runs: one of {list(LEAF_COMPILE_MODES)} (default 'off')",
 }
 
 
@@ -49,8 +68,10 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         valid = ", ".join(f"{k!r} ({v})" for k, v in OPTIONS.items())
         raise ValueError(f"unknown z3leaf option(s) {unknown}; valid options: {valid}")
-    checked = {"inner": "inductor", "gather": "auto", "bucket_elements": None, "prefetch_distance": None, **options}
+    checked = {"inner": "inductor", "gather": "auto", "bucket_elements": None, "prefetch_distance": None,
+               "leaf_compile": "off", **options}
     check_gather(checked["gather"])
+    check_leaf_compile(checked["leaf_compile"])
     for key in ("bucket_elements", "prefetch_distance"):
         value = checked[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):

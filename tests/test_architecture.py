@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("flags", ("leafpass.flags",)),
     ("capture", ("leafpass.capture", "leafpass.shape_inference")),
     ("passes", ("leafpass.passes",)),
-    ("lowering", ("leafpass.lower", "leafpass.schedule_check", "leafpass.format")),
+    ("lowering", ("leafpass.lower", "leafpass.leaf_compile", "leafpass.schedule_check", "leafpass.format")),
     ("engines", (
         "leafpass.runtime.deepspeed_shards", "leafpass.runtime.deepspeed", "leafpass.runtime.deepspeed_runtime",
         "leafpass.runtime.deepspeed_module",

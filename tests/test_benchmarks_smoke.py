@@ -1,6 +1,8 @@
 """Smoke test: ``benchmarks/compile_backends.py --quick`` runs and writes a complete JSON;
 ``benchmarks/zero3_moe.py``'s default ways, columns and goal report (on made-up rows: no
-ranks are started).
+ranks are started); ``benchmarks/hf_moe.py``: one way of a tiny Mixtral on one rank (inner
+compiler ``eager``, so no Inductor compile) with its step breakdown, and its ratios and
+goals on made-up rows.
 
 Only structure and graph-break counts are checked; speed goals live in the benchmark's own
 output (``goals``), never in tests (the zero3_moe test checks how goals are computed and
@@ -159,6 +161,62 @@ def test_zero3_moe_runs_the_module_way_by_default_and_checks_its_goal():
     assert [c["gather"] for c in cells] == ["-", "-", "module (bucket 0, prefetch 0)",
                                             "module (bucket 600,000, prefetch 0)"]
     assert cells[0]["peak_rss_mb"] == "200"
+
+
+# ------------------------------------------------ hf_moe.py: one tiny way, then its report
+
+
+@pytest.fixture(scope="module")
+def hf_tiny_row() -> dict:
+    pytest.importorskip("transformers")
+    pytest.importorskip("deepspeed")
+    from benchmarks import hf_moe
+
+    case = hf_moe.Case("mixtral", "eager", "tiny", ranks=1, steps=3, warmup=1, profile_steps=1,
+                       breakdown_ways=("z3leaf_step",), inner="eager", timeout=240.0)
+    return hf_moe.run_way("z3leaf_step", case)
+
+
+@pytest.mark.timeout(300)
+def test_hf_moe_tiny_mixtral_compiles_one_graph_and_breaks_the_step_down(hf_tiny_row):
+    from benchmarks.step_breakdown import BUCKETS, PHASES
+
+    row = hf_tiny_row
+    assert not row.get("error"), row.get("error")
+    assert row["graphs"] == 1 and row["graph_breaks"] == 0, row["graph_break_reasons"]
+    assert row["gather_policy"] == "step" and row["leaves"] == 1
+    assert len(row["losses"]) == 1 and len(row["losses"][0]) == 3
+    assert row["median_step_ms"] > 0 and row["median_cpu_ms"] > 0 and row["peak_rss_mb"] > 0
+    b = row["breakdown_ms"]
+    assert set(b) == set(PHASES) and all(set(b[p]) == set(BUCKETS) for p in PHASES)
+    # the profiled step gathered the model and ran the leaf and the compiled pieces
+    assert b["forward"]["gather"] > 0 and b["forward"]["leaf forward"] > 0 and b["forward"]["non-leaf forward"] > 0
+    assert b["backward"]["grad path"] > 0  # DeepSpeed reduced the gradients
+
+
+def test_hf_moe_compares_ways_and_reports_the_issue_goals(hf_tiny_row):
+    from benchmarks import hf_moe
+
+    def row(way, step_ms, rss, losses, compile_s=10.0):
+        return {**hf_tiny_row, "way": way, "label": hf_moe.LABELS[way], "median_step_ms": step_ms,
+                "median_cpu_ms": step_ms, "peak_rss_mb": rss, "losses": [losses],
+                "compile_s": None if way == "eager" else compile_s}
+
+    rows = [row("eager", 400.0, 1000.0, [2.0, 1.5]), row("inductor", 420.0, 1100.0, [2.0, 1.5], 60.0),
+            row("z3leaf_step", 260.0, 900.0, [2.0, 1.5 + 1e-6], 30.0),
+            row("z3leaf_module", 300.0, 800.0, [2.0, 1.7]), row("stage0_z3leaf", 250.0, 700.0, [2.0, 1.4])]
+    hf_moe.compare_rows(rows)
+    by = {r["way"]: r for r in rows}
+    assert by["z3leaf_step"]["vs_eager"] == pytest.approx(0.65) and by["z3leaf_step"]["vs_limit"] == pytest.approx(1.04)
+    assert by["z3leaf_step"]["losses_match_eager"] and not by["z3leaf_module"]["losses_match_eager"]
+    case = hf_moe.Case("mixtral", "eager", "medium", 2, 8, 2, 0, ())
+    goals = {g["goal"]: g for g in hf_moe.goals(rows, case)}
+    assert goals["z3leaf <= 0.7x eager ZeRO-3"]["met"] and goals["z3leaf <= 1.3x the no-ZeRO limit"]["met"]
+    assert goals["z3leaf compile s <= DeepSpeed + inductor's"]["value"] == pytest.approx(0.5)
+    assert goals["z3leaf peak RSS <= eager ZeRO-3's"]["met"]
+    assert all(g["way"] == "z3leaf_step" for g in goals.values())  # the fastest z3leaf way
+    text = hf_moe.table(rows)
+    assert "z3leaf gather=step" in text and "0.65x" in text
 
 
 def test_module_call_overhead_runs_and_writes_its_json(tmp_path):
