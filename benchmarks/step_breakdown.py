@@ -120,14 +120,14 @@ class StepBreakdown:
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
         from leafpass import lower
-        from leafpass.runtime import deepspeed as lp_deepspeed
+        from leafpass.runtime.deepspeed_runtime import DeepSpeedRuntime
         from leafpass.runtime.deepspeed_gatherer import DeepSpeedGatherer
 
         for name in ("fetch_sub_module", "release_sub_module", "release_and_reset_all"):
             self._wrap(PartitionedParameterCoordinator, name, "gather")
         for cls in (pp.AllGatherHandle, pp.AllGatherCoalescedHandle):
             self._wrap(cls, "wait", "gather")
-        self._wrap(lp_deepspeed.DeepSpeedRuntime, "prefetch_all", "gather")
+        self._wrap(DeepSpeedRuntime, "prefetch_all", "gather")
         self._wrap(DeepSpeedGatherer, "_gather_step", "gather")
         self._wrap(DeepSpeedGatherer, "_release", "gather")
         for name in ("allgather_fn", "all_gather_into_tensor"):
