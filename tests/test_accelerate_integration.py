@@ -197,6 +197,17 @@ def test_startup_pth_makes_the_name_work_with_no_import_and_loads_nothing_at_sta
     assert seen == {"loaded_at_start": False, "backend": {"backend": "z3leaf"}, "leafpass": True}
 
 
+def test_startup_pth_then_import_leafpass_before_accelerate():
+    """Both the start-up hook (a copy of after_import.py run by path) and ``import leafpass``
+    wait for accelerate's module: each copy's finder skips the other's (they once asked each
+    other for the spec until RecursionError, found by gpu-check's dry run)."""
+    code = _STARTUP.replace("    from accelerate.utils import TorchDynamoPlugin\n",
+                            "    import leafpass\n    from accelerate.utils import TorchDynamoPlugin\n")
+    assert "import leafpass" in code
+    seen = _run(code.format(pth=STARTUP_PTH))
+    assert seen == {"loaded_at_start": False, "backend": {"backend": "z3leaf"}, "leafpass": True}
+
+
 def test_startup_hook_can_be_turned_off():
     seen = _run(_STARTUP.format(pth=STARTUP_PTH), env={"LEAFPASS_STARTUP_HOOK": "0"})
     assert seen == {"loaded_at_start": False, "backend": "'Z3LEAF' is not a valid DynamoBackend", "leafpass": False}

@@ -24,7 +24,16 @@ __all__ = ["call_after_import", "watching", "install_startup_hook"]
 ACCELERATE_DATACLASSES = "accelerate.utils.dataclasses"
 
 
+def _is_after_import(finder) -> bool:
+    # by a mark, not by class: the start-up hook runs a second copy of this file (by path),
+    # whose class is another object; each copy's finders must skip the other's, or they
+    # would ask each other for the spec without end
+    return getattr(finder, "_leafpass_after_import", False)
+
+
 class _AfterImport:  # importlib.abc.MetaPathFinder's protocol
+    _leafpass_after_import = True
+
     def __init__(self, name: str, fn) -> None:
         self.name = name
         self.fn = fn
@@ -33,7 +42,7 @@ class _AfterImport:  # importlib.abc.MetaPathFinder's protocol
         if fullname != self.name:
             return None
         for finder in sys.meta_path:
-            if finder is self or isinstance(finder, _AfterImport) or not hasattr(finder, "find_spec"):
+            if _is_after_import(finder) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
@@ -55,7 +64,7 @@ class _ThenCall:  # importlib.abc.Loader's protocol, the rest delegated
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        waiting = [f for f in sys.meta_path if isinstance(f, _AfterImport) and f.name == self._finder.name]
+        waiting = [f for f in sys.meta_path if _is_after_import(f) and f.name == self._finder.name]
         for finder in waiting:  # every function waiting for this module, in the order they came
             sys.meta_path.remove(finder)
         for finder in reversed(waiting):
@@ -67,7 +76,7 @@ class _ThenCall:  # importlib.abc.Loader's protocol, the rest delegated
 
 def watching(name: str, fn=None) -> bool:
     """True when a :func:`call_after_import` for ``name`` (and ``fn``, if given) is waiting."""
-    return any(isinstance(f, _AfterImport) and f.name == name and (fn is None or f.fn is fn) for f in sys.meta_path)
+    return any(_is_after_import(f) and f.name == name and (fn is None or f.fn is fn) for f in sys.meta_path)
 
 
 def call_after_import(name: str, fn) -> None:
