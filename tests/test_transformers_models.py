@@ -165,31 +165,39 @@ def test_deepseek_v3_is_not_in_the_defaults():
 # --------------------------------------------------------------------------- whole models
 
 
+def two_steps_like_eager(model, after_step, **call_kwargs) -> list:
+    """Two training steps of ``model`` compiled with z3leaf (inner eager, fullgraph) beside
+    an eager copy, on the same token batches: loss, logits and every gradient equal at
+    each step, and ``after_step(out, ref, step)`` true after its backward. Returns the
+    graphs compiled."""
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="z3leaf", options={"inner": "eager"}, fullgraph=True)
+    generator = torch.Generator().manual_seed(1)
+    graphs = []
+    for step in range(2):
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+        with leafpass.record_graphs() as rec:
+            out = compiled(input_ids=ids, labels=ids, **call_kwargs)
+        graphs += rec.graphs
+        ref = reference(input_ids=ids, labels=ids, **call_kwargs)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6, msg=f"loss, step {step}")
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6, msg=f"logits, step {step}")
+        out.loss.backward()
+        ref.loss.backward()
+        assert_same_grads(model, reference, f"step {step}")
+        assert after_step(out, ref, step), f"after step {step}"
+    return graphs
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_graph_and_parity_with_eager(kind, impl):
     model = build(kind, impl)
     flag(model, kind)
     assert leaf_names(model) == EXPECTED_LEAVES[kind]
-    reference = copy.deepcopy(model)
     # inner "eager" keeps this fast; the decoder-layer snapshot test goes through aot_eager
-    compiled = torch.compile(model, backend="z3leaf", options={"inner": "eager"}, fullgraph=True)
-
-    generator = torch.Generator().manual_seed(1)
-    graphs = []
-    for step in range(2):
-        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-        with leafpass.record_graphs() as rec:
-            out = compiled(input_ids=ids, labels=ids)
-        graphs += rec.graphs
-        ref = reference(input_ids=ids, labels=ids)
-        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6, msg=f"loss, step {step}")
-        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6, msg=f"logits, step {step}")
-        out.loss.backward()
-        ref.loss.backward()
-        assert_same_grads(model, reference, f"step {step}")
-        assert any(p.grad is not None for p in model.model.layers[-1].mlp.parameters())
-
+    graphs = two_steps_like_eager(
+        model, after_step=lambda out, ref, step: any(p.grad is not None for p in model.model.layers[-1].mlp.parameters()))
     assert len(graphs) == 1, f"{len(graphs)} graphs (a recompile or a break)"
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
     check_leaf_calls(graphs[0], EXPECTED_LEAVES[kind], LEAF_CLASS[kind])
@@ -219,28 +227,19 @@ def test_whole_decoder_layers_as_leaves(kind, use_cache):
     leafpass.set_z3_leaf_modules(model, [DECODER_LAYER[kind]])
     layers = [f"model.layers.{i}" for i in range(len(model.model.layers))]
     assert leaf_names(model) == layers
-    reference = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="z3leaf", options={"inner": "eager"}, fullgraph=True)
-    generator = torch.Generator().manual_seed(1)
-    graphs = []
-    for step in range(2):
-        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-        with leafpass.record_graphs() as rec:
-            out = compiled(input_ids=ids, labels=ids, use_cache=use_cache)
-        graphs += rec.graphs
-        ref = reference(input_ids=ids, labels=ids, use_cache=use_cache)
-        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6, msg=f"logits, step {step}")
-        if use_cache is None:  # the cache the layers filled, layer by layer, equals eager's
-            assert type(out.past_key_values) is type(ref.past_key_values)
-            assert len(out.past_key_values.layers) == len(ref.past_key_values.layers) == len(layers)
-            for mine, theirs in zip(out.past_key_values.layers, ref.past_key_values.layers):
-                torch.testing.assert_close(mine.keys, theirs.keys)
-                torch.testing.assert_close(mine.values, theirs.values)
-        else:
-            assert out.past_key_values is None
-        out.loss.backward()
-        ref.loss.backward()
-        assert_same_grads(model, reference, f"step {step}")
+
+    def same_cache(out, ref, step):
+        if use_cache is False:
+            return out.past_key_values is None
+        # the cache the layers filled, layer by layer, equals eager's
+        assert type(out.past_key_values) is type(ref.past_key_values)
+        assert len(out.past_key_values.layers) == len(ref.past_key_values.layers) == len(layers)
+        for mine, theirs in zip(out.past_key_values.layers, ref.past_key_values.layers):
+            torch.testing.assert_close(mine.keys, theirs.keys)
+            torch.testing.assert_close(mine.values, theirs.values)
+        return True
+
+    graphs = two_steps_like_eager(model, after_step=same_cache, use_cache=use_cache)
     assert len(graphs) == 1, f"{len(graphs)} graphs (a recompile or a break)"
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
     check_leaf_calls(graphs[0], layers, DECODER_LAYER[kind])
