@@ -214,9 +214,10 @@ def _call_leaf(module: nn.Module, args: tuple, kwargs: dict):
     through the opaque call by state, and their new state is written back after it
     (see ``leafpass.leaf_arguments``)."""
     args, kwargs, objects = states_of_objects(type(module).__name__, args, kwargs)
+    args, kwargs = internals.leaf_call_inputs(args, kwargs)
     if not objects:
-        return internals.structured_leaf_outputs(run_leaf(module, args, kwargs))
-    out, states = internals.structured_leaf_outputs(run_leaf(module, args, kwargs))
+        return internals.structured_leaf_outputs(run_leaf(module, args, kwargs), (args, kwargs))
+    out, states = internals.structured_leaf_outputs(run_leaf(module, args, kwargs), (args, kwargs))
     apply_states(objects, states)
     return out
 
@@ -227,6 +228,7 @@ def run_leaf(module: nn.Module, args: tuple, kwargs: dict):
 
     What it returns is flattened for torch 2.11's ``leaf_function`` (see
     :func:`leafpass.dynamo_internals.flat_leaf_outputs`)."""
+    args, kwargs = internals.leaf_side_inputs(args, kwargs)
     out = call_with_objects(lambda *a, **k: _original_call(module, *a, **k), type(module).__name__, args, kwargs)
     return internals.flat_leaf_outputs(out, fake_run=False)
 
@@ -235,9 +237,11 @@ def run_leaf(module: nn.Module, args: tuple, kwargs: dict):
 def _run_leaf_fake(module: nn.Module, args: tuple, kwargs: dict):
     _local.inferring_shapes = True
     try:
+        inputs = (args, kwargs)
+        args, kwargs = internals.leaf_side_inputs(args, kwargs)
         with internals.compiling_flag_held():
             out = shape_inference.infer_leaf_outputs(module, args, kwargs)
-        return internals.flat_leaf_outputs(out, fake_run=True)
+        return internals.flat_leaf_outputs(out, fake_run=True, inputs=inputs)
     finally:
         _local.inferring_shapes = False
 
@@ -249,6 +253,7 @@ def install() -> None:
         return
     global _original_call_no_dynamo
     internals.check_torch_version()
+    internals.enable_object_attribute_iteration()  # torch 2.11: vars(obj) of a leaf's argument
     global _original_is_torchs
     _original_call = nn.Module.__call__
     _original_is_torchs = _original_call is nn.Module._wrapped_call_impl

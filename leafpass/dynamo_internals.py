@@ -313,43 +313,78 @@ class LeafOutputLayout(NamedTuple):
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
 
 
-def _shape_of(value, tensors: list) -> tuple:
+_SYMBOL_TYPES = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _input_holding(value, inputs: list) -> int | None:
+    """Where among the call's flat inputs the symbol ``value`` came from (None: nowhere)."""
+    for i, candidate in enumerate(inputs):
+        if candidate is value:
+            return i
+    for i, candidate in enumerate(inputs):
+        if isinstance(candidate, _SYMBOL_TYPES) and type(candidate) is type(value):
+            if candidate.node.expr == value.node.expr:
+                return i
+    return None
+
+
+def _shape_of(value, tensors: list, inputs: list) -> tuple:
     if isinstance(value, torch.Tensor):
         tensors.append(value)
         return ("tensor", len(tensors) - 1)
+    if isinstance(value, _SYMBOL_TYPES):
+        # a number Dynamo traces as a symbol (an int of an object passed by state, say) that
+        # the leaf hands back: its value after the call is the input's, read in the traced code
+        at = _input_holding(value, inputs)
+        if at is None:
+            raise TypeError(
+                f"leafpass: on torch {torch.__version__} a leaf may return a number that Dynamo traces as a "
+                f"symbol ({value}) only unchanged from its inputs; this leaf computed a new one. Return it "
+                f"as a tensor, or use torch>=2.12, whose leaf functions return any pytree."
+            )
+        return ("input", at)
     if isinstance(value, _CONSTANT_TYPES):
         return ("constant", value)
     if type(value) in (tuple, list):
-        return (type(value).__name__, tuple(_shape_of(v, tensors) for v in value))
+        return (type(value).__name__, tuple(_shape_of(v, tensors, inputs) for v in value))
     if type(value) is dict:
-        return ("dict", tuple(value), tuple(_shape_of(v, tensors) for v in value.values()))
+        return ("dict", tuple(value), tuple(_shape_of(v, tensors, inputs) for v in value.values()))
+    node = pytree.SUPPORTED_NODES.get(type(value))
+    if node is not None:  # a registered container: leafpass's ObjectState, a ModelOutput
+        children, context = node.flatten_fn(value)
+        return ("node", type(value), context, tuple(_shape_of(v, tensors, inputs) for v in children))
     raise TypeError(
         f"leafpass: on torch {torch.__version__} a leaf's output must be made of tensors, constants "
-        f"(None, bool, int, float, str), tuples, lists and dicts; this leaf returned a "
-        f"{type(value).__module__}.{type(value).__qualname__}. Return a tuple or dict from the leaf's "
-        f"forward, or use torch>=2.13, whose leaf functions return any pytree."
+        f"(None, bool, int, float, str), tuples, lists, dicts and containers registered with "
+        f"torch.utils._pytree; this leaf returned a {type(value).__module__}.{type(value).__qualname__}. "
+        f"Return a tuple or dict from the leaf's forward, or use torch>=2.12, whose leaf functions "
+        f"return any pytree."
     )
 
 
-def _flatten_leaf_output(out) -> tuple[tuple[torch.Tensor, ...], LeafOutputLayout]:
+def _flatten_leaf_output(out, inputs: list) -> tuple[tuple[torch.Tensor, ...], LeafOutputLayout]:
     tensors: list[torch.Tensor] = []
-    shape = _shape_of(out, tensors)
+    shape = _shape_of(out, tensors, inputs)
     leaves, spec = pytree.tree_flatten(out)
     tensor_at = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
     return tuple(tensors), LeafOutputLayout(spec, tensor_at, shape)
 
 
-def _rebuild(shape: tuple, flat):
+def _rebuild(shape: tuple, flat, inputs: list):
     kind = shape[0]
     if kind == "tensor":
         return flat[shape[1]]
+    if kind == "input":
+        return inputs[shape[1]]
     if kind == "constant":
         return shape[1]
     if kind == "tuple":
-        return tuple(_rebuild(s, flat) for s in shape[1])
+        return tuple(_rebuild(s, flat, inputs) for s in shape[1])
     if kind == "list":
-        return [_rebuild(s, flat) for s in shape[1]]
-    return dict(zip(shape[1], [_rebuild(s, flat) for s in shape[2]]))
+        return [_rebuild(s, flat, inputs) for s in shape[1]]
+    if kind == "node":
+        return pytree.SUPPORTED_NODES[shape[1]].unflatten_fn([_rebuild(s, flat, inputs) for s in shape[3]], shape[2])
+    return dict(zip(shape[1], [_rebuild(s, flat, inputs) for s in shape[2]]))
 
 
 class _PendingLayout(threading.local):
@@ -362,28 +397,85 @@ class _PendingLayout(threading.local):
 _pending = _PendingLayout()
 
 
-def flat_leaf_outputs(out, *, fake_run: bool):
+def flat_leaf_outputs(out, *, fake_run: bool, inputs=((), {})):
     """What a ``leaf_function`` hands Dynamo for the leaf output ``out``.
 
-    torch 2.13+: ``out`` itself. torch 2.11: the tensors of ``out`` as a flat tuple (empty
-    for a leaf that returns no tensor); the fake run (``fake_run=True``) keeps how to put
-    them back for :func:`structured_leaf_outputs`."""
+    torch 2.12+: ``out`` itself. torch 2.11: the tensors of ``out`` as a flat tuple (empty
+    for a leaf that returns no tensor); the fake run (``fake_run=True``, ``inputs``: the
+    call's ``(args, kwargs)`` as :func:`leaf_call_inputs` made them) keeps how to put them
+    back for :func:`structured_leaf_outputs`."""
     if not LEAF_OUTPUTS_FLAT:
         return out
-    flat, layout = _flatten_leaf_output(out)
+    flat, layout = _flatten_leaf_output(out, pytree.tree_leaves(inputs) if fake_run else [])
     if fake_run:
         _pending.layout = layout
     return flat
 
 
-def structured_leaf_outputs(flat):
+def structured_leaf_outputs(flat, inputs=((), {})):
     """Traced by Dynamo right after a leaf call: the leaf's output with its structure.
 
-    torch 2.13+: ``flat`` is already that. torch 2.11: rebuilt from the layout the call's
-    fake run left, which is also stored on the call's node for the leaf pass."""
+    torch 2.12+: ``flat`` is already that. torch 2.11: rebuilt from the layout the call's
+    fake run left, which is also stored on the call's node for the leaf pass; a symbol the
+    leaf handed back unchanged is read from ``inputs`` (the call's ``(args, kwargs)``)."""
     if not LEAF_OUTPUTS_FLAT:
         return flat
-    return _rebuild(_take_leaf_output_shape(), flat)
+    return _rebuild(_take_leaf_output_shape(), flat, pytree.tree_leaves(inputs))
+
+
+FROZEN_DATACLASS_CONSTANTS: bool = not LEAF_OUTPUTS_FLAT
+"""True on torch 2.12+: a frozen dataclass passed to a leaf is a constant Dynamo folds into
+the call's input spec. False on 2.11, where Dynamo cannot put one in a TreeSpec
+(``currently can't reconstruct arbitrary frozen dataclass instances``): leafpass passes it
+by state like any other object (``leafpass.leaf_arguments``)."""
+
+
+class SpecConstant:
+    """A constant argument of a leaf call kept in the call's input TreeSpec (torch 2.11).
+
+    2.11's ``invoke_leaf_function`` infers a schema from its flat inputs and accepts only
+    tensors, symbols and plain constants (``None``, bool, int, float, str) there; any other
+    constant (a frozen dataclass, a dtype, a class) fails with ``Only tensors and (possibly
+    nested) tuples of tensors, lists, or dicts are supported as inputs``. Boxed in this
+    childless pytree node, the constant travels in the TreeSpec instead, and the leaf's side
+    unboxes it (:func:`leaf_side_inputs`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"SpecConstant({self.value!r})"
+
+
+pytree.register_pytree_node(SpecConstant, lambda c: ([], c.value), lambda _, value: SpecConstant(value))
+
+_FLAT_INPUT_TYPES = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool, *_CONSTANT_TYPES)
+
+
+def _box(value):
+    return value if isinstance(value, _FLAT_INPUT_TYPES) else SpecConstant(value)
+
+
+def leaf_call_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Traced before a leaf call: its ``(args, kwargs)`` as ``invoke_leaf_function`` takes
+    them. torch 2.12+: unchanged. torch 2.11: constants other than plain ones boxed in
+    :class:`SpecConstant`."""
+    if not LEAF_OUTPUTS_FLAT:
+        return args, kwargs
+    return pytree.tree_map(_box, (args, kwargs))
+
+
+def _unbox(value):
+    return value.value if isinstance(value, SpecConstant) else value
+
+
+def leaf_side_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The leaf's own ``(args, kwargs)`` from what :func:`leaf_call_inputs` made."""
+    if not LEAF_OUTPUTS_FLAT:
+        return args, kwargs
+    return pytree.tree_map(_unbox, (args, kwargs), is_leaf=lambda v: isinstance(v, SpecConstant))
 
 
 class _HeldFlag(threading.local):
@@ -505,6 +597,7 @@ def leaf_node_parts(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LeafNodePa
         input_spec, flat = _attr_value(gm, node.args[2]), node.args[4:]
         attr_nodes = node.args[:3]
     args, kwargs = pytree.tree_unflatten(list(flat), input_spec) if input_spec is not None else ((), {})
+    args, kwargs = leaf_side_inputs(args, kwargs)
     return LeafNodeParts(
         fn=fn,
         out_spec=out_spec,
@@ -570,3 +663,94 @@ def compiling_frame() -> str | None:
     except AttributeError:  # no translator in this thread: not compiling
         return None
     return f"{code.co_name} ({code.co_filename}:{code.co_firstlineno})"
+
+
+# ------------------------------------------------ an object's attributes: vars(obj)
+
+
+def _dunder_dict_traced() -> bool:
+    # torch 2.12+ models ``obj.__dict__`` as a dict (``DunderDictVariable``); 2.11 as an
+    # opaque ``GetAttrVariable`` that answers ``[name]`` and ``in`` but not ``items()``
+    from torch._dynamo import variables
+
+    return hasattr(variables, "DunderDictVariable")
+
+
+DUNDER_DICT_TRACED: bool = _dunder_dict_traced()
+"""False on torch 2.11: Dynamo cannot iterate ``vars(obj)`` of a plain object
+(``Unsupported method call ... items of class <unknown type>``), which
+``leafpass.leaf_arguments`` does to pass an object by state;
+:func:`enable_object_attribute_iteration` teaches it that one thing."""
+
+_ITERATIONS = ("keys", "items", "values")
+_attribute_iteration_enabled = False
+
+
+def enable_object_attribute_iteration() -> None:
+    """Let Dynamo trace ``vars(obj).keys()``, ``.items()`` and ``.values()`` of a plain
+    object (torch 2.11; 2.12+ does it itself, and then this does nothing).
+
+    2.11's ``GetAttrVariable.call_method`` answers only ``__getitem__``, ``get``,
+    ``__contains__`` and ``__setitem__`` on an object's ``__dict__``; everything else raises
+    ``Unsupported``. leafpass adds the three iterations, and only for a
+    ``UserDefinedObjectVariable`` (frozen dataclasses included), so nothing that traced before traces differently. The
+    names are the object's real ``__dict__`` (guarded ``DICT_KEYS_MATCH`` on
+    ``obj.__dict__``, so a new or deleted attribute recompiles) with the attribute writes and
+    deletions Dynamo has recorded so far applied; each value is read the way Dynamo reads
+    ``obj.name`` (``var_getattr``: side effects, sources and guards as usual)."""
+    global _attribute_iteration_enabled
+    if DUNDER_DICT_TRACED or _attribute_iteration_enabled:
+        return
+    from torch._dynamo import variables
+    from torch._dynamo.variables.misc import GetAttrVariable
+
+    original = GetAttrVariable.call_method
+
+    def call_method(self, tx, name, args, kwargs):
+        if (
+            name in _ITERATIONS
+            and self.name == "__dict__"
+            and not args
+            and not kwargs
+            and isinstance(self.obj, variables.UserDefinedObjectVariable)
+        ):
+            return _iterate_generic_dict(tx, self.obj, name)
+        return original(self, tx, name, args, kwargs)
+
+    call_method._leafpass_original = original
+    GetAttrVariable.call_method = call_method
+    _attribute_iteration_enabled = True
+
+
+def _generic_dict_names(tx, obj) -> list[str]:
+    from torch._dynamo.guards import GuardBuilder, install_guard
+    from torch._dynamo.source import AttrSource
+    from torch._dynamo.variables.misc import DeletedVariable
+
+    names = []
+    if obj.source is not None:
+        names = list(obj.value.__dict__)
+        install_guard(AttrSource(obj.source, "__dict__").make_guard(GuardBuilder.DICT_KEYS_MATCH))
+    side_effects = tx.output.side_effects
+    if side_effects.is_attribute_mutation(obj):
+        for key, value in side_effects.store_attr_mutations.get(obj, {}).items():
+            if isinstance(value, DeletedVariable):
+                if key in names:
+                    names.remove(key)
+            elif key not in names:
+                names.append(key)
+    return names
+
+
+def _iterate_generic_dict(tx, obj, method: str):
+    from torch._dynamo import variables
+
+    names = _generic_dict_names(tx, obj)
+    if method == "keys":
+        return variables.ListVariable([variables.ConstantVariable.create(n) for n in names])
+    values = [obj.var_getattr(tx, n) for n in names]
+    if method == "values":
+        return variables.ListVariable(values)
+    return variables.ListVariable(
+        [variables.TupleVariable([variables.ConstantVariable.create(n), v]) for n, v in zip(names, values)]
+    )

@@ -44,6 +44,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .dynamo_internals import FROZEN_DATACLASS_CONSTANTS
+
 __all__ = [
     "LeafArgumentError",
     "ObjectState",
@@ -105,10 +107,15 @@ def is_object_state(value) -> bool:
     return isinstance(value, ObjectState)
 
 
+def _is_frozen_dataclass(value) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type) and value.__dataclass_params__.frozen
+
+
 def _is_constant(value) -> bool:
     if isinstance(value, _CONSTANT_TYPES):
         return True
-    return dataclasses.is_dataclass(value) and not isinstance(value, type) and value.__dataclass_params__.frozen
+    # torch 2.11 cannot fold a frozen dataclass into a leaf call: it goes by state there
+    return FROZEN_DATACLASS_CONSTANTS and _is_frozen_dataclass(value)
 
 
 def _is_passed_by_state(value) -> bool:
@@ -178,11 +185,12 @@ def _argument_name(spec, index: int) -> str:
 def apply_states(objects: list, states) -> None:
     """Write each new state onto its original object, in place. Traced by Dynamo."""
     for obj, state in zip(objects, states):
-        _apply(obj, state)
+        if not _is_frozen_dataclass(obj):  # passed by state on torch 2.11; never changes
+            _apply(obj, state)
 
 
 def _apply(obj, state: ObjectState) -> None:
-    before = set(vars(obj))
+    before = set(vars(obj).keys())  # .keys(): what torch 2.11's Dynamo can trace (dynamo_internals)
     after = set()
     current = vars(obj)
     for name, value in state.consts:
