@@ -43,7 +43,7 @@ from .shape_inference import LeafShapeError
 from .dynamo_internals import compiling_frame, is_first_compile_of_frame
 from .schedule_check import check_same_schedule, leaf_schedule
 
-__all__ = ["lower"]
+__all__ = ["checkpoint_holding_parameters", "lower"]
 
 
 def _example(node: torch.fx.Node):
@@ -136,6 +136,36 @@ def _expected_outputs(piece: torch.fx.GraphModule, by_name) -> list:
     return [_example(by_name[v.name]) if isinstance(v, torch.fx.Node) and v.name in by_name else None for v in values]
 
 
+def checkpoint_holding_parameters(run: Callable, args: tuple, preserve_rng_state: bool = True):
+    """``run(*args)`` under non-reentrant ``torch.utils.checkpoint``, with the parameters
+    among ``args`` held by the call instead of handed to checkpoint as its inputs.
+
+    A leaf piece's inputs include the leaf's parameters (for its ``prefetch_all``), which under
+    ZeRO-3 are partitioned (shape ``[0]``) when the piece starts and gathered inside it. torch
+    2.11's checkpoint saves its inputs through an autograd function (``_NoopSaveInputs``),
+    which makes each parameter's gradient accumulator right then, recording the shape ``[0]``;
+    the leaf's backward later hands that accumulator a whole gradient and autograd refuses it
+    (``LinearFunctionForZeroStage3Backward returned an invalid gradient ... expected shape
+    compatible with [0]``). torch 2.12+ saves inputs without an autograd node. A parameter is
+    the module's own tensor (checkpoint has nothing to save or restore for it), so it never
+    goes through checkpoint here, on any torch::
+
+        checkpoint(run, x, w)                        # torch 2.11: AccumulateGrad(w) made at [0]
+        checkpoint(lambda x: run(x, w), x)           # what this does: w is not an input
+    """
+    at = [i for i, a in enumerate(args) if isinstance(a, torch.nn.Parameter)]
+    if not at:
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state)
+    held = {i: args[i] for i in at}
+    passed = [a for i, a in enumerate(args) if i not in held]
+
+    def run_with_parameters(*values):
+        it = iter(values)
+        return run(*[held[i] if i in held else next(it) for i in range(len(args))])
+
+    return checkpoint(run_with_parameters, *passed, use_reentrant=False, preserve_rng_state=preserve_rng_state)
+
+
 class _LeafPiece(torch.nn.Module):
     """Runs a leaf piece eagerly and checks its outputs against what was compiled for.
 
@@ -161,9 +191,7 @@ class _LeafPiece(torch.nn.Module):
             # from a checkpoint region: keep nothing for backward but the inputs, and run
             # prefetch_all + the leaf again there (non-reentrant, as Dynamo traces every
             # checkpoint), so the engine gathers the leaf again as in eager checkpointing
-            return checkpoint(
-                self._run, *args, use_reentrant=False, preserve_rng_state=self.region.preserve_rng_state
-            )
+            return checkpoint_holding_parameters(self._run, args, self.region.preserve_rng_state)
         return self._run(*args)
 
     def _run(self, *args):

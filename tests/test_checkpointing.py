@@ -247,6 +247,46 @@ class TestCheckpointedLeaf(CompileTestCase):
             torch.compile(fn, backend="z3leaf", options={"inner": "aot_eager"}, fullgraph=True)(torch.randn(6, D))
 
 
+def _gather_then_matmul(full: torch.Tensor):
+    """A leaf piece in miniature under ZeRO-3: its parameter arrives partitioned (shape
+    ``[0]``), its ``prefetch_all`` gathers it (``.data`` swapped in), then the leaf uses it."""
+
+    def run(x, w):
+        w.data = full
+        return x @ w.t()
+
+    return run
+
+
+class TestCheckpointHoldingParameters:
+    """``lower.checkpoint_holding_parameters``: a checkpointed leaf piece whose parameter is
+    gathered inside it gets its whole gradient, on every torch (2.11's checkpoint made the
+    parameter's gradient accumulator at the partitioned shape, ``[0]``)."""
+
+    def _step(self, call):
+        torch.manual_seed(0)
+        full, x = torch.randn(3, 4), torch.randn(2, 4, requires_grad=True)
+        w = nn.Parameter(torch.empty(0))
+        out = call(_gather_then_matmul(full), x, w)
+        w.data = torch.empty(0)  # released after the forward; backward's recompute gathers it again
+        out.sum().backward()
+        return full, x, w
+
+    def test_whole_gradient_reaches_a_parameter_gathered_inside_the_piece(self):
+        from leafpass.lower import checkpoint_holding_parameters
+
+        full, x, w = self._step(lambda run, x, w: checkpoint_holding_parameters(run, (x, w)))
+        torch.testing.assert_close(w.grad, torch.ones(2, 3).t() @ x.detach())
+        torch.testing.assert_close(x.grad, torch.ones(2, 3) @ full)
+
+    @pytest.mark.skipif(not hasattr(checkpoint_utils, "_NoopSaveInputs"),
+                        reason="this torch's checkpoint saves its inputs without an autograd node")
+    def test_torch_2_11_checkpoint_fails_with_the_parameter_as_an_input(self):
+        # why the helper exists: what leafpass did before, on torch 2.11
+        with pytest.raises(RuntimeError, match=r"invalid gradient .* expected shape compatible with \[0\]"):
+            self._step(lambda run, x, w: checkpoint_utils.checkpoint(run, x, w, use_reentrant=False))
+
+
 class TestCheckpointSnapshots(CompileTestCase):
     def test_checkpointed_leaf(self):
         model = Checkpointed(use_reentrant=False)
