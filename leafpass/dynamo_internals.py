@@ -1,6 +1,6 @@
 """Every private PyTorch (Dynamo) API leafpass relies on, in one place.
 
-PyTorch does not promise these: each was read in torch 2.13 (and again in 2.11 and
+PyTorch does not promise these: each was read in torch 2.13 (and again in 2.11, 2.12 and
 2.14) and is covered by ``tests/test_dynamo_internals.py``, which fails loudly if one
 changes. Nothing else in leafpass imports ``torch._dynamo`` internals
 (``torch._dynamo.reset``, ``disable`` and the backend registry are public enough to use
@@ -17,14 +17,24 @@ what a ``leaf_function`` may return         a flat tuple of        any pytree (D
                                             tensors (or None)      flattens it)
 ``invoke_leaf_function`` node arguments     ``(real_fn_spec,       ``(real_fn, fake_fn,
                                             fake_fn_spec, *flat)`` input_spec, '', *flat)``
+a leaf call's flat inputs                   tensors, symbols and   any constant
+                                            plain constants
+                                            (:class:`SpecConstant`)
+a frozen dataclass passed to a leaf         passed by state        a folded constant
+``vars(obj).items()`` of a plain object     taught by leafpass     traced by Dynamo
+                                            (:func:`enable_object_attribute_iteration`)
 ``is_compiling()`` in a leaf's fake call,   held by leafpass       held by leafpass (2.12),
 and from the backend to the compile's end                          by Dynamo (2.13, 2.14)
 ==========================================  =====================  ======================
 
 :data:`LEAF_OUTPUTS_FLAT` tells the two leaf-function APIs apart by what the module
 holds (``make_leaf_function_wrappers``, which 2.12 has already), not by the version
-number; the ``is_compiling()`` holds check the flag itself and do nothing where Dynamo
-holds it.
+number, and :data:`DUNDER_DICT_TRACED` the two ways Dynamo sees ``obj.__dict__`` by
+Dynamo's own classes; the ``is_compiling()`` holds check the flag itself and do nothing
+where Dynamo holds it. (One more 2.11 difference, outside Dynamo: its
+``torch.utils.checkpoint`` saves inputs through an autograd node; ``lower`` keeps
+parameters out of checkpoint's inputs on every torch, see
+``lower.checkpoint_holding_parameters``.)
 
 ==========================================  =============================================
 what                                        torch source (2.13)
@@ -41,6 +51,8 @@ the backend options ``torch.compile`` got   torch/__init__.py (``_TorchCompileWr
 a callback at the end of ``backward()``     torch/csrc/autograd/python_engine.cpp
 the graphargs of the root graph             torch/_dynamo/output_graph.py (``root_tracer``)
 ``ac_graph_id`` of checkpoint regions       torch/_higher_order_ops/wrap.py (``uid``)
+``obj.__dict__`` of a plain object (2.11)   torch/_dynamo/variables/misc.py (``GetAttrVariable``)
+attribute writes recorded while tracing     torch/_dynamo/side_effects.py (``store_attr_mutations``)
 ==========================================  =============================================
 """
 
@@ -58,17 +70,20 @@ from torch._dynamo.decorators import assume_constant_result, leaf_function  # no
 from .versions import in_range
 
 __all__ = [
+    "DUNDER_DICT_TRACED",
+    "FROZEN_DATACLASS_CONSTANTS",
     "LEAF_OUTPUTS_FLAT",
+    "SpecConstant",
     "LeafNodeParts",
-    "EARLY_TORCH",
-    "EARLY_TORCH_ENV",
     "SUPPORTED_TORCH",
+    "TESTED_TORCH",
     "assume_constant_result",
     "backend_chain",
     "check_torch_version",
     "compiled_function_callback",
     "compiling_frame",
     "eval_frame_callback",
+    "enable_object_attribute_iteration",
     "eval_frame_callback_builtin",
     "flat_leaf_outputs",
     "compiling_flag_held",
@@ -78,9 +93,11 @@ __all__ = [
     "hold_compiling_flag_until_compile_end",
     "invoke_leaf_function_op",
     "is_first_compile_of_frame",
+    "leaf_call_inputs",
     "leaf_function",
     "leaf_module_state_type",
     "leaf_node_parts",
+    "leaf_side_inputs",
     "module_by_index",
     "never_compile_as_frame",
     "next_checkpoint_graph_id",
@@ -91,37 +108,18 @@ __all__ = [
     "tracing_compiler_fn",
 ]
 
-SUPPORTED_TORCH = ((2, 13), (2, 15))  # [min, max)
-EARLY_TORCH = ((2, 11), (2, 13))  # runs when asked for (EARLY_TORCH_ENV); known gaps below
-EARLY_TORCH_ENV = "LEAFPASS_EARLY_TORCH"
-EARLY_TORCH_GAPS = (
-    "leaf arguments that are Python objects (a DynamicCache, a dataclass) fail in Dynamo "
-    "(torch 2.11); activation checkpointing under strict ZeRO-3 limits fails in backward"
-)
+SUPPORTED_TORCH = ((2, 11), (2, 15))  # [min, max)
+TESTED_TORCH = ("2.11.0", "2.12.0", "2.13.0", "2.14.1")
 
 
-def check_torch_version(version: str = torch.__version__, environ=None) -> None:
-    """Refuse a torch outside the supported range; torch 2.11 and 2.12 run when
-    ``LEAFPASS_EARLY_TORCH=1`` asks for them, with a warning naming what is known to fail."""
-    import os
-
+def check_torch_version(version: str = torch.__version__) -> None:
+    """Refuse a torch outside the supported range, naming the range and the fix."""
     if in_range(version, *SUPPORTED_TORCH):
-        return
-    early = in_range(version, *EARLY_TORCH)
-    if early and (environ if environ is not None else os.environ).get(EARLY_TORCH_ENV) == "1":
-        import warnings
-
-        warnings.warn(
-            f"leafpass runs on an early torch ({version}) because {EARLY_TORCH_ENV}=1; most of the "
-            f"suite passes on torch 2.11, but {EARLY_TORCH_GAPS}. Use torch>=2.13,<2.15 for full support.",
-            stacklevel=2,
-        )
         return
     raise RuntimeError(
         f"leafpass relies on private parts of torch._dynamo that it supports for torch "
-        f">=2.13,<2.15 (tested with 2.13.0 and 2.14.1); found torch {version}. "
-        f"Install a supported version (pip install 'torch==2.13.0')"
-        + (f", or set {EARLY_TORCH_ENV}=1 to run it on torch 2.11/2.12 with known gaps." if early else ".")
+        f">=2.11,<2.15 (tested with {', '.join(TESTED_TORCH)}); found torch {version}. "
+        f"Install a supported version (pip install 'torch==2.13.0')."
     )
 
 
@@ -333,16 +331,15 @@ def _shape_of(value, tensors: list, inputs: list) -> tuple:
         tensors.append(value)
         return ("tensor", len(tensors) - 1)
     if isinstance(value, _SYMBOL_TYPES):
-        # a number Dynamo traces as a symbol (an int of an object passed by state, say) that
-        # the leaf hands back: its value after the call is the input's, read in the traced code
+        # A number Dynamo traces as a symbol (an int of an object passed by state that changed
+        # between calls, say). Handed back unchanged: read from the inputs in the traced code.
+        # Computed by the leaf (``calls + 1``): it cannot leave the opaque call on 2.11 (tensors
+        # only), so its value is fixed here, guarded (the frame recompiles for another value).
         at = _input_holding(value, inputs)
-        if at is None:
-            raise TypeError(
-                f"leafpass: on torch {torch.__version__} a leaf may return a number that Dynamo traces as a "
-                f"symbol ({value}) only unchanged from its inputs; this leaf computed a new one. Return it "
-                f"as a tensor, or use torch>=2.12, whose leaf functions return any pytree."
-            )
-        return ("input", at)
+        if at is not None:
+            return ("input", at)
+        concrete = {torch.SymInt: int, torch.SymFloat: float, torch.SymBool: bool}[type(value)](value)
+        return ("constant", concrete)
     if isinstance(value, _CONSTANT_TYPES):
         return ("constant", value)
     if type(value) in (tuple, list):

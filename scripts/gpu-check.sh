@@ -91,8 +91,6 @@ if [ "$skipped" -gt 0 ]; then
 fi
 # shellcheck disable=SC2086
 "$py" -m pip --python "$vpy" install -q --disable-pip-version-check --no-deps --no-index --no-cache-dir $install
-# the GPU machine has torch 2.11: leafpass runs there on request (known gaps: docs/gpu.md)
-export LEAFPASS_EARLY_TORCH=1
 "$vpy" - <<'PY' | tee "$out/versions.txt"
 import importlib.metadata as md, sys, torch
 import deepspeed, transformers, leafpass  # noqa: F401  (all three import)

@@ -40,8 +40,6 @@ if [ "${have%%+*}" != "$version" ]; then
 fi
 echo "torch $have in $venv"
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# torch 2.11 and 2.12 run only when asked for (known gaps: docs/gpu.md)
-case "$version" in 2.11.*|2.12.*) export LEAFPASS_EARLY_TORCH=1 ;; esac
 start=$(date +%s)
 status=0
 "$venv/bin/python" -m pytest -q "$@" || status=$?

@@ -6,6 +6,8 @@ symptoms spread to the backend's tests.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -24,20 +26,20 @@ def fresh_dynamo():
 
 
 def test_torch_version_check():
-    for version in ("2.13.0+cpu", "2.14.1"):
-        internals.check_torch_version(version, environ={})
-    with pytest.raises(RuntimeError, match=r">=2.13,<2.15 .*found torch 2.16.0.*'torch==2.13.0'\)\.$"):
-        internals.check_torch_version("2.16.0", environ={})
-    with pytest.raises(RuntimeError, match=r"found torch 2.10.0.*'torch==2.13.0'\)\.$"):
-        internals.check_torch_version("2.10.0", environ={"LEAFPASS_EARLY_TORCH": "1"})
+    for version in ("2.11.0+cu130", "2.12.0", "2.13.0+cpu", "2.14.1"):
+        internals.check_torch_version(version)
+    for version in ("2.10.0", "2.15.0", "2.16.0"):
+        with pytest.raises(RuntimeError, match=rf">=2.11,<2.15 .*found torch {version}.*'torch==2.13.0'\)\.$"):
+            internals.check_torch_version(version)
 
 
-def test_torch_2_11_and_2_12_run_when_asked_for_with_a_warning():
-    for version in ("2.11.0+cu130", "2.12.0"):
-        with pytest.raises(RuntimeError, match=r"set LEAFPASS_EARLY_TORCH=1 to run it on torch 2.11/2.12"):
-            internals.check_torch_version(version, environ={})
-        with pytest.warns(UserWarning, match=r"early torch \(2.1[12].*because LEAFPASS_EARLY_TORCH=1.*DynamicCache.*checkpointing"):
-            internals.check_torch_version(version, environ={"LEAFPASS_EARLY_TORCH": "1"})
+def test_torch_2_11_and_2_12_need_no_environment_variable():
+    # they ran only with LEAFPASS_EARLY_TORCH=1 once; nothing reads it now
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "early torch" warning either
+        internals.check_torch_version("2.11.0+cu130")
 
 
 def test_leaf_function_api_is_the_one_this_torch_has():
@@ -87,6 +89,16 @@ def test_compiling_flag_is_held_in_a_leaf_fake_run_and_restored():
     assert not torch.compiler.is_compiling()
 
 
+class Pair:
+    """A container registered with pytree, as transformers registers its ModelOutputs."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+
+pytree.register_pytree_node(Pair, lambda p: ([p.first, p.second], "pair"), lambda values, _: Pair(*values))
+
+
 @pytest.mark.parametrize(
     "make_output, n_tensors",
     [
@@ -95,8 +107,9 @@ def test_compiling_flag_is_held_in_a_leaf_fake_run_and_restored():
         pytest.param(lambda x: (x * 2, {"n": 3, "tag": "a"}, None), 1, marks=pytest.mark.flat_leaf_outputs),
         pytest.param(lambda x: None, 0, marks=pytest.mark.flat_leaf_outputs),
         pytest.param(lambda x: (7, "tag"), 0, marks=pytest.mark.flat_leaf_outputs),
+        (lambda x: Pair(x * 2, (x + 1, x - 1)), 3),
     ],
-    ids=["tensor", "nested-tensors", "with-constants", "none", "no-tensor"],
+    ids=["tensor", "nested-tensors", "with-constants", "none", "no-tensor", "registered-container"],
 )
 def test_leaf_outputs_flatten_and_come_back_with_their_structure(request, make_output, n_tensors):
     # Traced by Dynamo as capture does: a leaf_function returning flat_leaf_outputs(...),
@@ -144,8 +157,72 @@ def test_a_leaf_output_torch_2_11_cannot_rebuild_is_refused_by_name():
     if not internals.LEAF_OUTPUTS_FLAT:
         assert internals.flat_leaf_outputs({"a": object()}, fake_run=True)["a"] is not None  # passed through
         return
-    with pytest.raises(TypeError, match=r"leaf's output must be made of tensors.*returned a .*Size.*torch>=2.13"):
-        internals.flat_leaf_outputs((torch.ones(1), torch.Size([2])), fake_run=True)
+    with pytest.raises(TypeError, match=r"leaf's output must be made of tensors.*returned a builtins.object.*torch>=2.12"):
+        internals.flat_leaf_outputs((torch.ones(1), object()), fake_run=True)
+
+
+class Bag:
+    def __init__(self) -> None:
+        self.t = torch.ones(2)
+        self.name = "bag"
+
+
+def test_dunder_dict_api_is_the_one_this_torch_has():
+    from leafpass.versions import in_range
+
+    assert internals.DUNDER_DICT_TRACED == (not in_range(torch.__version__, (2, 11), (2, 12)))
+    assert internals.FROZEN_DATACLASS_CONSTANTS == (not internals.LEAF_OUTPUTS_FLAT)
+
+
+def test_vars_of_a_plain_object_is_traced_with_a_guard_on_its_attributes():
+    # leaf_arguments reads vars(obj).items() of an argument passed by state; torch 2.11's
+    # Dynamo learns it from enable_object_attribute_iteration (run when leafpass is imported)
+    from torch._dynamo.testing import CompileCounter
+
+    internals.enable_object_attribute_iteration()  # idempotent
+    counter = CompileCounter()
+
+    def f(x, bag):
+        total = x
+        for _, value in vars(bag).items():
+            if isinstance(value, torch.Tensor):
+                total = total + value
+        made = Bag()
+        made.extra = x
+        del made.name
+        return total, list(vars(bag).keys()), list(vars(made).keys())
+
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    bag, x = Bag(), torch.zeros(2)
+    assert compiled(x, bag)[1:] == (["t", "name"], ["t", "extra"])
+    compiled(x, bag)
+    assert counter.frame_count == 1
+    bag.more = torch.ones(2)  # a new attribute: the guard on bag.__dict__'s keys fails
+    total, names, _ = compiled(x, bag)
+    assert names == ["t", "name", "more"] and total.tolist() == [2.0, 2.0]
+    del bag.name
+    assert compiled(x, bag)[1] == ["t", "more"]
+    assert counter.frame_count == 3
+    from torch._dynamo.variables.misc import GetAttrVariable
+
+    assert hasattr(GetAttrVariable.call_method, "_leafpass_original") == (not internals.DUNDER_DICT_TRACED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    value: float
+
+
+def test_constants_of_a_leaf_call_travel_in_its_input_spec_on_torch_2_11():
+    args, kwargs = (torch.ones(1), torch.float64, 3), {"cls": int, "scale": Scale(2.0), "name": "n"}
+    boxed_args, boxed_kwargs = internals.leaf_call_inputs(args, kwargs)
+    flat = pytree.tree_leaves((boxed_args, boxed_kwargs))
+    if internals.LEAF_OUTPUTS_FLAT:  # 2.11: only tensors, symbols and plain constants stay flat
+        assert [type(v).__name__ for v in flat] == ["Tensor", "int", "str"]
+        assert isinstance(boxed_kwargs["cls"], internals.SpecConstant)
+    else:
+        assert (boxed_args, boxed_kwargs) == (args, kwargs)
+    assert internals.leaf_side_inputs(boxed_args, boxed_kwargs) == (args, kwargs)
 
 
 def test_output_graph_facts_are_readable_at_backend_time():

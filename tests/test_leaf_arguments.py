@@ -64,6 +64,8 @@ class Scaled(nn.Module):
             return y
         if isinstance(extra, Mode):
             return y * extra.value
+        if isinstance(extra, torch.dtype):  # a constant torch 2.11 cannot take as a flat input
+            return (y.to(extra) * 2).to(y.dtype)
         if isinstance(extra, bool):
             return y if extra else -y
         if isinstance(extra, (int, float)):
@@ -145,6 +147,9 @@ class TestArgumentKinds(CompileTestCase):
     def test_frozen_dataclass(self):
         self.check(FrozenScale(1.5))
 
+    def test_dtype(self):
+        self.check(torch.float64)
+
     def test_mutable_dataclass_with_a_tensor(self):
         self.check(Shift(2.0, torch.arange(4.0)))
 
@@ -201,6 +206,19 @@ class TestGuardsAndErrors(CompileTestCase):
         for extra in (Plain(2, torch.ones(4)), Plain(5, torch.ones(4)), Shift(2.0, torch.ones(4)),
                       Shift(3.0, torch.ones(4))):
             torch.testing.assert_close(compiled(x, extra), net(x, extra))
+
+    def test_a_number_the_leaf_changes_after_it_became_dynamic(self):
+        # calls=1, then 2, 3: Dynamo recompiles with calls as a symbol, and the leaf returns
+        # calls + 1, a symbol of its own making (torch 2.11: fixed and guarded, one graph a value)
+        net = Net()
+        compiled = self.compile(net, inner="eager", fullgraph=True)
+        x = torch.randn(3, 4)
+        for calls in (1, 2, 3, 2):
+            mine, theirs = Counter(calls=calls), Counter(calls=calls)
+            torch.testing.assert_close(compiled(x, mine), net(x, theirs))
+            self.assertEqual((mine.calls, type(mine.calls)), (theirs.calls, int))
+            torch.testing.assert_close(mine.last, theirs.last)
+        self.assertEqual(graph_breaks(), 0)
 
     def test_an_attribute_that_cannot_be_copied_is_a_clear_error(self):
         net = Net()
