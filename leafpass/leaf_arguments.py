@@ -132,7 +132,7 @@ def _state_of_attribute(value, where: str, leaf: str):
         return type(value)(_state_of_attribute(v, f"{where}[{i}]", leaf) for i, v in enumerate(value))
     if type(value) is dict:
         return {k: _state_of_attribute(v, f"{where}[{k!r}]", leaf) for k, v in value.items()}
-    if _is_passed_by_state(value):
+    if _is_passed_by_state(value) or _is_frozen_dataclass(value):
         return _state_of_object(value, where, leaf)
     raise LeafArgumentError(
         f"leafpass: leaf {leaf} is called with {where} = {type(value).__name__}, which cannot go "
@@ -145,7 +145,11 @@ def _state_of_attribute(value, where: str, leaf: str):
 def _state_of_object(obj, where: str, leaf: str) -> ObjectState:
     consts, children = [], []
     for name, value in vars(obj).items():
-        if _is_constant(value) and not (isinstance(value, _NUMBER_TYPES) and not isinstance(value, bool)):
+        # a frozen dataclass inside an object goes by state too: Dynamo cannot hold one in the
+        # TreeSpec of the call's inputs ("can't reconstruct arbitrary frozen dataclass instances")
+        if _is_constant(value) and not _is_frozen_dataclass(value) and not (
+            isinstance(value, _NUMBER_TYPES) and not isinstance(value, bool)
+        ):
             consts.append((name, value))
         else:
             children.append((name, _state_of_attribute(value, f"{where}.{name}", leaf)))
@@ -207,7 +211,8 @@ def _apply(obj, state: ObjectState) -> None:
 def _merged(current, value):
     if isinstance(value, ObjectState):
         if type(current) is value.cls:
-            _apply(current, value)
+            if not _is_frozen_dataclass(current):  # by state on torch 2.11; never changes
+                _apply(current, value)
             return current
         # a new object (a cache layer the leaf appended): its class is read from a global
         # table so that Dynamo can name it when it rebuilds the object after the graph
