@@ -9,6 +9,11 @@ What runs and what is checked:
   exactly that text; trailing whitespace is ignored. That is how graph snapshots and
   other outputs in the docs stay true. ``EXPECTTEST_ACCEPT=1`` rewrites the ```text
   blocks with what is printed, as it does for ``assertExpectedInline``: read the diff.
+* Outputs of ``leafpass explain`` quote Dynamo's own view of an unflagged model (its graph
+  breaks, their wording, how many graphs): the docs show what the pin, torch 2.13, prints.
+  On another torch release (``scripts/test-torch.sh``) such a block still runs, and only its
+  recommendation is compared: the ``to apply:`` line, and one graph, no break and no
+  recompile once the leaves are flagged.
 * ```bash, ```console and ```sh blocks, and blocks without a language, are never run.
 * A ```python block placed right after the line ``<!-- docs-test: skip: REASON -->`` is
   compiled (its syntax is checked) but not run. Use it only for fragments that need what
@@ -177,6 +182,9 @@ def test_python_blocks_run_and_print_what_the_docs_show(path, tmp_path):
         if before.lang == "python" and after.lang == "text" and after.follows_previous:
             assert not before.skip, f"{_rel(path)}:{after.line}: output shown for a block that is not run"
             printed, shown = _normalize(by_line[before.line]["stdout"]), _normalize(after.code)
+            if "explain" in before.code and not _is_the_pin():
+                _assert_same_recommendation(printed, shown, f"{_rel(path)}:{after.line}")
+                continue
             if accept and printed != shown:
                 rewrites.append((after, printed))
                 continue
@@ -186,6 +194,24 @@ def test_python_blocks_run_and_print_what_the_docs_show(path, tmp_path):
             )
     if rewrites:
         _rewrite_text_blocks(path, rewrites)
+
+
+def _is_the_pin() -> bool:
+    import torch
+
+    from leafpass.versions import in_range
+
+    return in_range(torch.__version__, (2, 13), (2, 14))
+
+
+def _assert_same_recommendation(printed: str, shown: str, where: str) -> None:
+    """An ``explain`` report on a torch other than the pin: the same leaves to apply, and
+    after flagging them one graph, no break, no recompile (the text says so on every torch)."""
+    def apply_line(text: str) -> list[str]:
+        return [ln.strip() for ln in text.splitlines() if ln.strip().startswith("to apply:")]
+
+    assert apply_line(printed) == apply_line(shown) != [], f"{where}: another recommendation\n{printed}"
+    assert ": 1 graph, 0 breaks, 0 recompiles (before:" in printed, f"{where}: flagged, not one graph\n{printed}"
 
 
 def _rewrite_text_blocks(path: pathlib.Path, rewrites: list[tuple[Block, str]]) -> None:
