@@ -690,11 +690,12 @@ def enable_object_attribute_iteration() -> None:
     2.11's ``GetAttrVariable.call_method`` answers only ``__getitem__``, ``get``,
     ``__contains__`` and ``__setitem__`` on an object's ``__dict__``; everything else raises
     ``Unsupported``. leafpass adds the three iterations, and only for a
-    ``UserDefinedObjectVariable`` (frozen dataclasses included), so nothing that traced before traces differently. The
-    names are the object's real ``__dict__`` (guarded ``DICT_KEYS_MATCH`` on
-    ``obj.__dict__``, so a new or deleted attribute recompiles) with the attribute writes and
-    deletions Dynamo has recorded so far applied; each value is read the way Dynamo reads
-    ``obj.name`` (``var_getattr``: side effects, sources and guards as usual)."""
+    ``UserDefinedObjectVariable`` (frozen dataclasses included), so nothing that traced
+    before traces differently. The names are the object's real ``__dict__`` (guarded
+    ``DICT_KEYS_MATCH`` on ``obj.__dict__``, so a new or deleted attribute recompiles) with
+    the attribute writes and deletions Dynamo has recorded so far applied; each value is
+    read the way Dynamo reads ``obj.name`` (``var_getattr``: side effects, sources and
+    guards as usual)."""
     global _attribute_iteration_enabled
     if DUNDER_DICT_TRACED or _attribute_iteration_enabled:
         return
