@@ -108,6 +108,8 @@ def is_object_state(value) -> bool:
 
 
 def _is_frozen_dataclass(value) -> bool:
+    if isinstance(value, _CONSTANT_TYPES):  # not asked of None & co: torch 2.11's Dynamo breaks
+        return False  # the graph on hasattr(NoneType, "__dataclass_fields__")
     return dataclasses.is_dataclass(value) and not isinstance(value, type) and value.__dataclass_params__.frozen
 
 

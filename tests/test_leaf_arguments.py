@@ -214,6 +214,20 @@ class TestGuardsAndErrors(CompileTestCase):
                       Shift(3.0, torch.ones(4))):
             torch.testing.assert_close(compiled(x, extra), net(x, extra))
 
+    def test_an_object_made_inside_the_compiled_frame_with_a_none_attribute(self):
+        # as a transformers model makes its DynamicCache inside forward; torch 2.11's Dynamo
+        # broke the graph on dataclasses.is_dataclass(None) there
+        class MakesItsOwn(Net):
+            def forward(self, x, extra):
+                counter = Counter(calls=2)  # counter.last is None
+                return self.leaf(self.inp(x), extra=counter).relu() + counter.last
+
+        net = MakesItsOwn()
+        compiled = self.compile(net, inner="eager", fullgraph=True)
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(compiled(x, None), net(x, None))
+        self.assertEqual(graph_breaks(), 0)
+
     def test_a_number_the_leaf_changes_after_it_became_dynamic(self):
         # calls=1, then 2, 3: Dynamo recompiles with calls as a symbol, and the leaf returns
         # calls + 1, a symbol of its own making (torch 2.11: fixed and guarded, one graph a value)
