@@ -39,6 +39,8 @@ from leafpass.testing.distributed import DistributedRunError, run_ranks, zero3_c
 
 D, N_LAYERS, N_EXPERTS, TOP_K, N_TOKENS = 13, 2, 4, 2, 12
 N_STEPS = 20  # optimizer steps; with gradient accumulation 2 that is 40 forwards
+# graphs of MoEBlock's forward under leaf_compile="inner" over those steps (torch 2.11: see the test)
+LEAF_GRAPHS_AT_MOST = 12 if torch.__version__.startswith("2.11.") else 8
 TOL = 1e-6
 LR = 0.05
 STRICT = {"max_live_parameters": 0, "max_reuse_distance": 0, "prefetch_bucket_size": 0}
@@ -346,8 +348,9 @@ def test_leaf_compile_compiles_the_leaf_forwards_under_every_policy_without_a_re
             compiled = res[name]["compiled"]
             if isinstance(case[3], dict) and case[3].get("leaf_compile") == "inner":
                 # MoEBlock's forward compiled a few times at most (its graph and the pieces
-                # around its breaks; sizes dynamic), not once per routing over 20 steps
-                assert 0 < compiled["leaf_graphs"] <= 8, (name, rank, compiled["leaf_graphs"])
+                # around its breaks; sizes dynamic), not once per routing over 20 steps.
+                # torch 2.11's Dynamo compiles those pieces a little more often (10 seen)
+                assert 0 < compiled["leaf_graphs"] <= LEAF_GRAPHS_AT_MOST, (name, rank, compiled["leaf_graphs"])
             else:
                 assert compiled["leaf_graphs"] == 0, (name, rank, compiled["leaf_graphs"])
             assert res[name]["eager"]["leaf_graphs"] == 0
