@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("lowering", ("leafpass.lower", "leafpass.leaf_compile", "leafpass.schedule_check", "leafpass.format")),
     ("engines", (
         "leafpass.runtime.deepspeed_shards", "leafpass.runtime.deepspeed", "leafpass.runtime.deepspeed_runtime",
-        "leafpass.runtime.deepspeed_module",
+        "leafpass.runtime.deepspeed_module", "leafpass.runtime.deepspeed_grad_path",
         "leafpass.runtime.deepspeed_gatherer",
     )),
     ("backend", ("leafpass.backend",)),
