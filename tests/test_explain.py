@@ -20,8 +20,11 @@ from torch import nn
 
 import leafpass
 from leafpass.tools import explain
-from leafpass.tools.explain_report import (Frame, ModuleIndex, _leaves, deepspeed_default_leaf_classes,
-                                           first_line_of_error, suggest_leaves)
+from leafpass.tools.explain_frames import Frame
+from leafpass.tools.explain_graphs import leaves_of
+from leafpass.tools.explain_modules import ModuleIndex
+from leafpass.tools.explain_reasons import first_line_of_error
+from leafpass.tools.explain_suggest import deepspeed_default_leaf_classes, suggest_leaves
 from leafpass.testing.models import ExpertMLP, MoEBlock, TwoMoE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -392,7 +395,7 @@ def test_flagged_by_deepspeed_default_class():
     model = nn.Sequential(nn.Linear(2, 2), cls(), nn.Sequential(nn.Linear(2, 2)))
     leafpass.set_z3_leaf_modules(model, [cls, "Sequential"], raise_if_not_found=False)
     leafpass.set_z3_leaf_module(model, False)
-    leaves = {leaf["name"]: leaf for leaf in _leaves(ModuleIndex(model), [])}
+    leaves = {leaf["name"]: leaf for leaf in leaves_of(ModuleIndex(model), [])}
     assert leaves["1"]["flagged_by"] == "deepspeed default class"
     assert leaves["2"]["flagged_by"] == "flag attribute"
     assert (leaves["2"]["params"], leaves["2"]["bytes"]) == (2, 24)
