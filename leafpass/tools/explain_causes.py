@@ -21,7 +21,8 @@ def short_stack(index: ModuleIndex, frames: list[Frame]) -> tuple[list[str], int
     """
     kept, folded = [], 0  # file:line in Class.forward (the full paths are in each break's user_stack)
     for i, frame in enumerate(frames):
-        owner = index.forward_owner(frame)
+        built = index.constructed_class(frame)
+        owner = index.forward_owner(frame) or (f"{built}.{frame.name}" if built else None)
         if owner is None and is_library_file(frame.filename) and i != len(frames) - 1:
             folded += 1
             continue
@@ -47,12 +48,13 @@ def group_causes(index: ModuleIndex, breaks, skipped, stacks) -> list[dict[str, 
             key = (event["location"], event["reason"])
             cause = causes.setdefault(key, {
                 "location": event["location"], "reason": event["reason"], "function": event["function"],
-                "module": [], "in_leaf": True, "breaks": 0, "eager_frames": 0, "eager_functions": [],
+                "module": [], "in_leaf": True, "constructing": None, "breaks": 0, "eager_frames": 0, "eager_functions": [],
                 "graph_breaks": [], "skipped_frames": [],
             })
             cause["breaks" if kind == "graph_breaks" else "eager_frames"] += 1
             cause[kind].append(i)
             cause["in_leaf"] = cause["in_leaf"] and event["in_leaf"]
+            cause["constructing"] = cause["constructing"] or event["constructing"]
             cause["module"] = sorted(set(cause["module"]) | set(event["module"]), key=index.order.__getitem__)
             if kind == "skipped_frames" and event["function"] not in cause["eager_functions"]:
                 cause["eager_functions"].append(event["function"])

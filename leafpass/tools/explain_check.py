@@ -10,7 +10,7 @@ import torch._dynamo
 
 import leafpass
 
-from .explain_reasons import first_line_of_error
+from .explain_reasons import first_line_of_error, leaf_argument_error
 from .explain_run import compile_and_run
 
 __all__ = ["check_suggestions"]
@@ -19,7 +19,12 @@ __all__ = ["check_suggestions"]
 def check_suggestions(pristine, inputs, inner, no_grad, suggestions, report) -> dict[str, Any]:
     """Flag the recommended groups on a copy of the model one after the other, compile and
     run after each, and count what is left: each group's ``after`` is what flagging it (and
-    the groups before it) bought."""
+    the groups before it) bought.
+
+    The check fails (``status`` ``failed``, the group's ``failed_class`` and a one-line
+    ``error``) when the model raises, or when a flagged leaf's call cannot be compiled: a
+    ``LeafArgumentError`` (an argument leafpass cannot pass through the opaque call) makes
+    Dynamo run the calling frame eagerly instead of raising (``ran_eagerly``)."""
     groups = [s for s in suggestions if s["recommended"]]
     names = [n for g in groups for n in g["names"]]
     check: dict[str, Any] = {"flagged": names}
@@ -42,7 +47,13 @@ def check_suggestions(pristine, inputs, inner, no_grad, suggestions, report) -> 
         run = compile_and_run(pristine, inputs, inner, no_grad)
         torch._dynamo.reset()
         if run.error is not None:
-            check.update({"status": "failed", "failed_class": group["class"], "error": first_line_of_error(run.error)})
+            check.update({"status": "failed", "failed_class": group["class"], "error": first_line_of_error(run.error),
+                          "ran_eagerly": False})
+            return check
+        reasons = [reason for reason, _ in run.breaks] + [record["reason"] for record in run.skipped]
+        caught = next((e for e in map(leaf_argument_error, reasons) if e is not None), None)
+        if caught is not None:
+            check.update({"status": "failed", "failed_class": group["class"], "error": caught, "ran_eagerly": True})
             return check
         group["after"] = {"graphs": len(run.graphs), "breaks": len(run.breaks) + len(run.skipped),
                           "recompiles": len(run.recompiles)}

@@ -18,6 +18,9 @@ def _in_leaf(modules: list[str], flagged: list[str]) -> bool:
 def _function_name(index: ModuleIndex, modules: list[str], frame: Frame | None) -> str:
     if frame is None:
         return "?"
+    built = index.constructed_class(frame)
+    if built is not None:
+        return f"{built}.{frame.name}"
     classes = {type(index.by_name[m]).__name__ for m in modules}
     if len(classes) == 1 and frame.name not in ("?", "") and not frame.name.startswith("torch_dynamo_resume"):
         cls = next(iter(classes))
@@ -39,6 +42,7 @@ def place_events(index: ModuleIndex, run: Run, flagged: list[str]):
             "function": _function_name(index, modules, inner),
             "module": modules,
             "in_leaf": _in_leaf(modules, flagged),
+            "constructing": index.constructing(frames),
             "user_stack": [f"{f.location()} in {f.name}" for f in frames],
             "detail": reason.strip(),
         })
@@ -55,6 +59,7 @@ def place_events(index: ModuleIndex, run: Run, flagged: list[str]):
             "location": at.location(),
             "module": modules,
             "in_leaf": _in_leaf(modules, flagged),
+            "constructing": index.constructing(frames),
             "compile_id": rec["compile_id"],
             "detail": rec["reason"].strip(),
         })

@@ -71,6 +71,19 @@ class ModuleIndex:
         owners = {cls.__name__ for cls in self.classes if self.covers(self.forward_range(cls), frame)}
         return f"{owners.pop()}.forward" if len(owners) == 1 else None
 
+    def constructed_class(self, frame: Frame) -> str | None:
+        """The name of the model's module class whose ``__init__`` (or ``__new__``) ``frame`` is
+        in: code building a new module (an ``nn.Linear(...)`` inside a ``forward``), not code
+        of one of the model's modules."""
+        if frame.name not in ("__init__", "__new__"):
+            return None
+        owners = sorted(cls.__name__ for cls in self.classes if self.covers(self.class_range(cls), frame))
+        return owners[0] if owners else None
+
+    def constructing(self, frames: Iterable[Frame]) -> str | None:
+        """The class the first constructor frame of ``frames`` builds, if any (see :meth:`place`)."""
+        return next((cls for cls in map(self.constructed_class, frames) if cls), None)
+
     def callable_module(self, name: str) -> bool:
         """Whether the module has a ``forward`` of its own (``ModuleList`` and friends do not)."""
         return self.forward_range(type(self.by_name[name])) is not None
@@ -103,10 +116,15 @@ class ModuleIndex:
         holds it, or stays (a helper function or another method of the same module).
         A frame entered through ``module(...)`` from a traced frame is not in a flagged
         leaf: z3leaf keeps such a call opaque (``leaf.forward(...)`` is not kept opaque).
+        A frame in a module class's ``__init__`` builds a new module (``nn.Linear(4, 4)``
+        called in a ``forward``), none of the model's: the walk stops there, and the break
+        is in the module whose code builds it (:meth:`constructing` names the class).
         """
         all_names = [n for n, _ in self.named]
         current: list[str] | None = None
         for frame in frames:
+            if self.constructed_class(frame) is not None:
+                break
             if current is None:
                 found = self._matching(frame, all_names, False) or self._matching(frame, all_names, True)
                 if found:

@@ -2,19 +2,42 @@
 
 from __future__ import annotations
 
+import ast
 import re
 
-__all__ = ["first_line_of_error", "summarize_reason"]
+__all__ = ["first_line_of_error", "leaf_argument_error", "summarize_reason"]
 
 
 _EXPLANATION = re.compile(r"^\s*Explanation:\s*(.*)$", re.M)
+# Dynamo traces leafpass's copy of a leaf's object arguments, so a LeafArgumentError raised
+# there is one Dynamo catches ("Observed exception"): it runs the frame eagerly, where the leaf
+# takes the object as it is, and the error is left only in the reason's debug context:
+# `raised exception LeafArgumentError("leafpass: leaf Block is called with ...")`.
+_LEAF_ARGUMENT_ERROR = re.compile(r"""LeafArgumentError\((?P<text>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')\)""")
+
+
+def leaf_argument_error(text: str) -> str | None:
+    """``LeafArgumentError: leaf Block is called with ARG = TYPE, ...`` (the leaf, the argument's
+    path and the fix, as leafpass raised it) when a Dynamo break reason holds one, else None."""
+    match = _LEAF_ARGUMENT_ERROR.search(text or "")
+    if match is None:
+        return None
+    try:
+        message = ast.literal_eval(match.group("text"))
+    except (ValueError, SyntaxError):
+        return None
+    return f"LeafArgumentError: {message.removeprefix('leafpass: ')}"
 
 
 def summarize_reason(text: str) -> str:
-    """One line for a Dynamo break reason: its first line, plus the explanation if any."""
+    """One line for a Dynamo break reason: its first line, plus the explanation if any; a
+    leafpass error Dynamo caught (:func:`leaf_argument_error`) is shown as that error."""
     text = (text or "").strip()
     if not text:
         return "(no reason recorded)"
+    caught = leaf_argument_error(text)
+    if caught is not None:
+        return caught
     if text.startswith("generic_jump "):  # the frame's own branch; the message Dynamo logs is elsewhere
         return f"Data-dependent branching: a branch on {text[len('generic_jump '):]} (Dynamo generic_jump)"
     first = text.splitlines()[0].strip()
