@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engines", (
         "leafpass.runtime.deepspeed_shards", "leafpass.runtime.deepspeed", "leafpass.runtime.deepspeed_runtime",
         "leafpass.runtime.deepspeed_module", "leafpass.runtime.deepspeed_grad_path",
+        "leafpass.runtime.deepspeed_step_gather",
         "leafpass.runtime.deepspeed_gatherer",
     )),
     ("backend", ("leafpass.backend",)),

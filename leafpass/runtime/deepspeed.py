@@ -359,3 +359,18 @@ def stage3_optimizer_of(root: nn.Module):
             if var == "self":
                 return cell.cell_contents
     return None
+
+
+def count_gathered(owner, numel: int) -> None:
+    """Add ``numel`` to ``owner``'s coordinator's live-parameter count, as its own all-gather
+    does (partitioned_param_coordinator.py, ``__all_gather_params_``: ``__n_available_params
+    += all_gather_numel``); releasing the parameters subtracts it again."""
+    coordinator = owner.get_param_coordinator()
+    name = "_PartitionedParameterCoordinator__n_available_params"
+    _coordinator_private(coordinator, "n_available_params")  # raises by name if it is gone
+    setattr(coordinator, name, getattr(coordinator, name) + numel)
+
+
+def quantized_weights(owner) -> bool:
+    """``zero_quantized_weights`` as the coordinator was built with it."""
+    return bool(getattr(owner.get_param_coordinator(), "zero_quantized_weights", False))

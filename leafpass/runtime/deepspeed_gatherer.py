@@ -78,6 +78,7 @@ from ..gather_ops import live_gathered
 from ..schedule_check import check_same_gather, check_same_leaves
 from . import deepspeed as ds
 from . import deepspeed_grad_path as grad_path
+from . import deepspeed_step_gather as step_gather
 from . import leaf_environment
 from ..module_plan import ModulePlan, set_plan
 from .deepspeed_module import ShardPlan, StandIns
@@ -102,6 +103,9 @@ class StepStats:
         # who reduces the gradients: "leafpass", "deepspeed", or "deepspeed: <why leafpass's
         # path does not apply>" (leafpass.runtime.deepspeed_grad_path); None before the first call
         self.grad_path: str | None = None
+        # gather="step": who gathered the whole model last time: "in place" (one all-reduce,
+        # leafpass.runtime.deepspeed_step_gather) or "deepspeed" (its coalesced all-gather)
+        self.step_gather: str | None = None
 
     def __repr__(self) -> str:
         return (f"StepStats(policy={self.policy!r}, calls={self.calls}, gathered_elements="
@@ -301,7 +305,10 @@ class DeepSpeedGatherer:
         # with a complete trace prefetches a model that fits its limits; each leaf's
         # prefetch_all then finds its parameters gathered.
         missing = ds.not_available(params)
-        ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (the whole model)")
+        why_not = step_gather.gather_in_place(self._owner, missing) if missing else "nothing to gather"
+        if why_not is not None:
+            ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (the whole model)")
+        self.stats.step_gather = "deepspeed" if why_not is not None else "in place"
         gathered = sum(int(p.ds_numel) for p in params)
         self.stats.gathered_elements = gathered
         self.stats.peak_gathered_elements = max(self.stats.peak_gathered_elements, gathered)
