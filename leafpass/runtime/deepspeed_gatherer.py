@@ -134,6 +134,7 @@ class DeepSpeedGatherer:
         self._slots = ds.hook_slots(owner)
         self._checked = False
         self._grad_path_choice: str | None = None
+        self._gather_buffer = step_gather.GatherBuffer()  # gather="step"'s memory, kept between steps
         # what the last call left to undo after backward: ("step", params) or ("module", None)
         self._pending: tuple[str, list[nn.Parameter] | None] | None = None
         # the model's size does not change after deepspeed.initialize: what "auto" compares
@@ -305,7 +306,8 @@ class DeepSpeedGatherer:
         # with a complete trace prefetches a model that fits its limits; each leaf's
         # prefetch_all then finds its parameters gathered.
         missing = ds.not_available(params)
-        why_not = step_gather.gather_in_place(self._owner, missing) if missing else "nothing to gather"
+        why_not = (step_gather.gather_in_place(self._owner, missing, self._gather_buffer, params)
+                   if missing else "nothing to gather")
         if why_not is not None:
             ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (the whole model)")
         self.stats.step_gather = "deepspeed" if why_not is not None else "in place"

@@ -55,6 +55,21 @@ def _body(rank: int, world_size: int) -> dict:
     out["live_after"] = live()
     out["nothing"] = step_gather.unsupported_reason(owner, [])
 
+    # the buffer is kept between gathers, and reused only once every parameter is released
+    buffer = step_gather.GatherBuffer()
+    step_gather.gather_in_place(owner, params, buffer)
+    first = buffer.tensor.untyped_storage().data_ptr()
+    still_held = params[:1]
+    ds.release(owner, params[1:])
+    out["refused_while_held"] = buffer.take(buffer.tensor.numel(), buffer.tensor.dtype, buffer.tensor.device,
+                                            still_held).untyped_storage().data_ptr() != first
+    ds.release(owner, still_held)
+    second = buffer.tensor.untyped_storage().data_ptr()
+    step_gather.gather_in_place(owner, params, buffer)
+    out["reused"] = buffer.tensor.untyped_storage().data_ptr() == second
+    out["equal_reused"] = [torch.equal(p.data, v) for p, v in zip(params, deepspeed_values)]
+    ds.release(owner, params)
+
     # a compiled step under gather="step" uses it, and trains like eager ZeRO-3 (test_configurations)
     engine.compile(backend="z3leaf", compile_kwargs={"options": {"gather": "step"}})
     x = torch.randn(6, 13, generator=torch.Generator().manual_seed(rank))
@@ -76,6 +91,13 @@ def test_gather_in_place_equals_deepspeeds_gather(ranks):
         assert r["in_place"] is None
         assert all(r["equal"]) and all(r["shapes"]) and r["one_buffer"]
         assert set(r["available"]) == {"AVAILABLE"}
+
+
+@pytest.mark.distributed
+def test_buffer_is_reused_only_when_every_parameter_is_released(ranks):
+    for r in ranks:
+        assert r["refused_while_held"] and r["reused"]
+        assert all(r["equal_reused"])  # zeroed before reuse: no stale values summed in
 
 
 @pytest.mark.distributed
