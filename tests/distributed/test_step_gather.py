@@ -59,16 +59,15 @@ def _body(rank: int, world_size: int) -> dict:
     buffer = step_gather.GatherBuffer()
     step_gather.gather_in_place(owner, params, buffer)
     first = buffer.tensor.untyped_storage().data_ptr()
+    ds.release(owner, params)
+    step_gather.gather_in_place(owner, params, buffer)  # into the used buffer: zeroed first
+    out["reused"] = buffer.tensor.untyped_storage().data_ptr() == first
+    out["equal_reused"] = [torch.equal(p.data, v) for p, v in zip(params, deepspeed_values)]
     still_held = params[:1]
     ds.release(owner, params[1:])
     out["refused_while_held"] = buffer.take(buffer.tensor.numel(), buffer.tensor.dtype, buffer.tensor.device,
                                             still_held).untyped_storage().data_ptr() != first
     ds.release(owner, still_held)
-    second = buffer.tensor.untyped_storage().data_ptr()
-    step_gather.gather_in_place(owner, params, buffer)
-    out["reused"] = buffer.tensor.untyped_storage().data_ptr() == second
-    out["equal_reused"] = [torch.equal(p.data, v) for p, v in zip(params, deepspeed_values)]
-    ds.release(owner, params)
 
     # a compiled step under gather="step" uses it, and trains like eager ZeRO-3 (test_configurations)
     engine.compile(backend="z3leaf", compile_kwargs={"options": {"gather": "step"}})
