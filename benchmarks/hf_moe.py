@@ -56,6 +56,7 @@ WAYS: dict[str, tuple[int, str | None, dict[str, Any] | None]] = {
     "z3leaf_module": (3, "z3leaf", {"gather": "module"}),
     "z3leaf_hooks": (3, "z3leaf", {"gather": "hooks"}),
     "z3leaf_step_lc": (3, "z3leaf", {"gather": "step", "leaf_compile": "inner"}),
+    "z3leaf_step_dsgrad": (3, "z3leaf", {"gather": "step", "grad_path": "deepspeed"}),
     "stage0_z3leaf": (0, "z3leaf", {}),
     "stage0_z3leaf_lc": (0, "z3leaf", {"leaf_compile": "inner"}),
 }
@@ -66,10 +67,11 @@ LABELS = {
     "z3leaf_module": "z3leaf gather=module",
     "z3leaf_hooks": "z3leaf gather=hooks",
     "z3leaf_step_lc": "z3leaf step + leaf_compile",
+    "z3leaf_step_dsgrad": "z3leaf step, DeepSpeed's grad path",
     "stage0_z3leaf": "no ZeRO (stage 0) + z3leaf",
     "stage0_z3leaf_lc": "no ZeRO + z3leaf + leaf_compile",
 }
-DEFAULT_WAYS = ("eager", "inductor", "z3leaf_step", "z3leaf_module", "z3leaf_step_lc", "stage0_z3leaf",
+DEFAULT_WAYS = ("eager", "inductor", "z3leaf_step", "z3leaf_step_dsgrad", "z3leaf_module", "z3leaf_step_lc", "stage0_z3leaf",
                 "stage0_z3leaf_lc")
 # model size -> (config keyword arguments shared by both models, sequences x tokens per rank)
 SIZES: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {
@@ -234,6 +236,7 @@ def _rank_body(rank: int, world_size: int, way: str, case: Case) -> dict[str, An
         "graph_break_reasons": reasons,
         "leaf_graphs": sum(leaf_compile_stats().values()),
         "gather_policy": getattr(stats, "policy", None),
+        "grad_path": getattr(stats, "grad_path", None),
         "leaves": len(leaves),
         "breakdown_ms": breakdown_ms,
         "breakdown_cpu_ms": breakdown_cpu_ms,
@@ -257,7 +260,7 @@ def run_way(way: str, case: Case) -> dict[str, Any]:
             return row
     r0 = ranks[0]
     row.update({k: r0[k] for k in ("median_step_ms", "median_cpu_ms", "compile_s", "phase_ms", "graphs",
-                                   "graph_breaks", "graph_break_reasons", "leaf_graphs", "gather_policy", "leaves",
+                                   "graph_breaks", "graph_break_reasons", "leaf_graphs", "gather_policy", "grad_path", "leaves",
                                    "breakdown_ms", "breakdown_cpu_ms")})
     row["losses"] = [r["losses"] for r in ranks]
     row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ranks)

@@ -17,6 +17,15 @@ In-graph gathers (``gather="module"``) show what they gather, not their bucket i
     t4 = getitem(t3, 0)
     prefetch_start moe2                         a leaf's gather issued early
 
+A leaf called with a Python object (a ``DynamicCache``, a dataclass; see
+``leaf_arguments``) gets the copy it updates built before its call and the copy's tensors
+read after it, each node named by the object's class::
+
+    t1 = build_DynamicCache()
+    prefetch_all leaf (2 params)
+    t2 = leaf(t0, extra=t1)
+    t3 = read_DynamicCache(t1)
+
 Ops from a ``torch.utils.checkpoint`` region around a leaf (see
 ``passes.inline_checkpoint``) end in ``# checkpoint N``, regions numbered in graph
 order: backward recomputes the marked ops, and runs the marked leaf (its
@@ -40,6 +49,7 @@ import torch
 import torch.fx
 
 from .graph_nodes import GATHER_META, checkpoint_region_of, is_prefetch_node, is_prefetch_start_node
+from .leaf_arguments import BuildArgument, ReadObjectStates
 from .leaf_call import leaf_call_of, plain_source, qualname_from_source
 
 __all__ = ["format_graph"]
@@ -74,6 +84,8 @@ def _target_name(target) -> str:
         return f"{target._qualified_op_name.replace('::', '.')}"
     if isinstance(target, torch._ops.HigherOrderOperator):
         return f"higher_order.{target.name()}"
+    if isinstance(target, (BuildArgument, ReadObjectStates)):  # leafpass's own: named by what they build
+        return target.__name__
     try:
         return torch.fx.node._get_qualified_name(target)
     except Exception:

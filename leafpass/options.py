@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["GATHER_POLICIES", "INNER_COMPILERS", "LEAF_COMPILE_MODES", "OPTIONS", "check_gather",
-           "check_leaf_compile", "check_options"]
+__all__ = ["GATHER_POLICIES", "GRAD_PATHS", "INNER_COMPILERS", "LEAF_COMPILE_MODES", "OPTIONS", "check_gather",
+           "check_grad_path", "check_leaf_compile", "check_options"]
 
 GATHER_POLICIES: Mapping[str, str] = {
     "auto": "'step' when the whole model fits under the engine's live-parameter cap, else 'module'",
@@ -46,6 +46,22 @@ def check_leaf_compile(value: Any) -> str:
     return value
 
 
+GRAD_PATHS: Mapping[str, str] = {
+    "leafpass": "reduce the engine's gradient buckets with fewer copies (DeepSpeed ZeRO-3: no torch.cat, no "
+                "collective on one rank, all_reduce in place on gloo) and flatten the optimizer's partitions in "
+                "one copy; the same buckets, partitions and sums",
+    "deepspeed": "leave the engine's gradient reduction as it is",
+}
+
+
+def check_grad_path(value: Any) -> str:
+    """``value`` if it names a gradient path, else a ValueError listing the valid ones."""
+    if not isinstance(value, str) or value not in GRAD_PATHS:
+        valid = "; ".join(f"{name!r}: {what}" for name, what in GRAD_PATHS.items())
+        raise ValueError(f"z3leaf option 'grad_path' must be one of {list(GRAD_PATHS)}; got {value!r}. {valid}")
+    return value
+
+
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 OPTIONS: Mapping[str, str] = {
     "inner": f"compiler for the non-leaf pieces: one of {INNER_COMPILERS} or a backend callable",
@@ -55,6 +71,7 @@ OPTIONS: Mapping[str, str] = {
     "prefetch_distance": "gather='module': start each gather this many buckets early "
                          "(default: 1, or 0 when the engine's prefetch bucket is 0)",
     "leaf_compile": f"how each leaf's own forward runs: one of {list(LEAF_COMPILE_MODES)} (default 'off')",
+    "grad_path": f"who reduces the gradients of a partitioned model: one of {list(GRAD_PATHS)} (default 'leafpass')",
 }
 
 
@@ -69,9 +86,10 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         valid = ", ".join(f"{k!r} ({v})" for k, v in OPTIONS.items())
         raise ValueError(f"unknown z3leaf option(s) {unknown}; valid options: {valid}")
     checked = {"inner": "inductor", "gather": "auto", "bucket_elements": None, "prefetch_distance": None,
-               "leaf_compile": "off", **options}
+               "leaf_compile": "off", "grad_path": "leafpass", **options}
     check_gather(checked["gather"])
     check_leaf_compile(checked["leaf_compile"])
+    check_grad_path(checked["grad_path"])
     for key in ("bucket_elements", "prefetch_distance"):
         value = checked[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):

@@ -300,7 +300,7 @@ def test_failed_way_becomes_a_row_with_its_error():
         "RuntimeError: Connection reset by peer",
         [],
     )
-    row = zc._failed_row("inductor", zc.CompareSpec(), exc, 3.0)
+    row = zc.failed_row("inductor", zc.CompareSpec(), exc, 3.0)
     assert row["error"] == "AssertionError: wrong number of dimensions"
     assert row["median_step_ms"] is None and row["way"] == "inductor"
     eager = _fake_row("eager", [[1.0, 0.5]])

@@ -20,8 +20,12 @@ from torch import nn
 
 import leafpass
 from leafpass.tools import explain
-from leafpass.tools.explain_report import (Frame, ModuleIndex, _leaves, deepspeed_default_leaf_classes,
-                                           first_line_of_error, suggest_leaves)
+from leafpass.tools.explain_frames import Frame
+from leafpass.tools.explain_graphs import leaves_of
+from leafpass.tools.explain_modules import ModuleIndex
+from leafpass.tools.explain_reasons import first_line_of_error
+from leafpass.tools.explain_report import build_report
+from leafpass.tools.explain_suggest import deepspeed_default_leaf_classes, suggest_leaves
 from leafpass.testing.models import ExpertMLP, MoEBlock, TwoMoE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +90,68 @@ class Picky(nn.Module):
 def build_picky():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 4), Picky()), (torch.randn(3, 4),)
+
+
+class WithHook:
+    """An argument leafpass cannot pass through a leaf's opaque call: it holds a module."""
+
+    def __init__(self) -> None:
+        self.scale = 2.0
+        self.hook = nn.Linear(2, 2)
+
+
+class Gate(nn.Module):
+    """Branches on its data (a graph break while it is not a leaf) and reads an object argument."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x, extra):
+        y = self.lin(x)
+        if y.sum() > 0:
+            return y * extra.scale
+        return -y * extra.scale
+
+
+class GateNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.gate = nn.Linear(4, 4), Gate()
+
+    def forward(self, x, extra):
+        return self.gate(self.inp(x), extra)
+
+
+def build_gate():
+    torch.manual_seed(0)
+    return GateNet(), (torch.randn(3, 4), WithHook())
+
+
+class Builds(nn.Module):
+    """Builds an ``nn.Linear`` in its forward: Dynamo breaks inside ``Linear.__init__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        extra = nn.Linear(4, 4)
+        return self.b(self.a(x)) + extra(x)
+
+
+class BuildsNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk, self.out = Builds(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.out(self.blk(x))
+
+
+def build_builds():
+    torch.manual_seed(0)
+    return BuildsNet(), (torch.randn(3, 4),)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -392,7 +458,7 @@ def test_flagged_by_deepspeed_default_class():
     model = nn.Sequential(nn.Linear(2, 2), cls(), nn.Sequential(nn.Linear(2, 2)))
     leafpass.set_z3_leaf_modules(model, [cls, "Sequential"], raise_if_not_found=False)
     leafpass.set_z3_leaf_module(model, False)
-    leaves = {leaf["name"]: leaf for leaf in _leaves(ModuleIndex(model), [])}
+    leaves = {leaf["name"]: leaf for leaf in leaves_of(ModuleIndex(model), [])}
     assert leaves["1"]["flagged_by"] == "deepspeed default class"
     assert leaves["2"]["flagged_by"] == "flag attribute"
     assert (leaves["2"]["params"], leaves["2"]["bytes"]) == (2, 24)
@@ -481,6 +547,65 @@ def test_a_check_that_fails_is_one_line():
                      "data-dependent error; on zero inputs it raised ValueError: Picky needs a nonzero input. "
                      "Make the leaf's forward run on zero-filled inputs, or unflag it (module._z3_leaf = False)."]
     assert "  to apply: leafpass.set_z3_leaf_modules(model, ['Picky'])" in out.splitlines()
+
+
+LEAF_ARGUMENT_ERROR = ("LeafArgumentError: leaf Gate is called with args[1].hook = Linear, which cannot go through the "
+                       "leaf's opaque call (leafpass copies objects attribute by attribute: tensors, constants, "
+                       "lists/tuples/dicts and nested plain objects). Pass it differently (as tensors or "
+                       "constants), or unflag the leaf (module._z3_leaf = False).")
+
+
+def test_a_leaf_argument_error_fails_the_check_with_its_message():
+    # unflagged, Gate's branch breaks the graph and --suggest recommends Gate; flagged, its
+    # `extra` cannot be copied into the opaque call: Dynamo catches the LeafArgumentError and
+    # runs the frame eagerly, so the model runs and only the check can say what failed
+    code, out, err, _ = run_main(["tests.test_explain:build_gate", "--json", "--suggest", "--inner", "eager"])
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["suggested_leaves"][0]["names"] == ["gate"] and report["suggested_leaves"][0]["recommended"]
+    check = report["suggestion_check"]
+    assert (check["status"], check["failed_class"], check["ran_eagerly"]) == ("failed", "Gate", True)
+    assert check["error"] == LEAF_ARGUMENT_ERROR
+    line = explain.check_line(check, report["suggested_leaves"])
+    assert line == ("check: failed: with Gate flagged on a copy of the model, a leaf's call could not be compiled "
+                    f"(Dynamo ran its frame eagerly): {LEAF_ARGUMENT_ERROR}")
+
+
+def test_a_flagged_leaf_with_an_argument_it_cannot_take_shows_the_error():
+    model, inputs = build_gate()
+    leafpass.set_z3_leaf_modules(model, [Gate])
+
+    report = build_report(model, inputs, inner="eager")
+    assert report["graphs"] == 0
+    (cause,) = report["break_causes"]
+    assert (cause["reason"], cause["eager_frames"]) == (LEAF_ARGUMENT_ERROR, 1)
+    text = explain.render_text(report)
+    assert f"     {LEAF_ARGUMENT_ERROR}" in text.splitlines()
+    assert "  note: a LeafArgumentError means a flagged leaf's call could not be compiled: Dynamo ran the frame" in text
+
+
+def test_a_break_while_building_a_module_is_in_the_module_that_builds_it():
+    # the break is in Linear.__init__ (a new Linear, built in Builds.forward): it is Builds's,
+    # not blk.a's and blk.b's, and the report says it happens in construction
+    code, out, err, _ = run_main(["tests.test_explain:build_builds", "--json", "--suggest", "--inner", "eager"])
+    assert code == 0, err
+    report = json.loads(out)
+    (cause,) = report["break_causes"]
+    assert (cause["module"], cause["constructing"], cause["function"]) == (["blk"], "Linear", "Linear.__init__")
+    assert cause["stack"][-1].endswith("in Linear.__init__")
+    for b in report["graph_breaks"]:
+        assert (b["module"], b["constructing"]) == (["blk"], "Linear")
+    assert [(s["class"], s["names"], s["recommended"]) for s in report["suggested_leaves"]] == [
+        ("Builds", ["blk"], True)]
+    assert report["suggestion_check"]["breaks_after"] == 0
+    text = explain.render_text(report)
+    assert "     module: blk   in leaf: no   constructing a Linear" in text.splitlines()
+    index = ModuleIndex(BuildsNet())
+    init = Frame(inspect.getsourcefile(nn.Linear), _line_of(nn.Linear.__init__, "super().__init__()"), "__init__")
+    call = Frame(__file__, _line_of(Builds.forward, "extra = nn.Linear"), "forward")
+    top = Frame(__file__, _line_of(BuildsNet.forward, "return"), "forward")
+    assert index.place([top, call, init]) == ["blk"] and index.constructing([top, call, init]) == "Linear"
+    assert index.place([top, call]) == ["blk"] and index.constructing([top, call]) is None
 
 
 # --------------------------------------------------------------------------- a transformers model, as a new user runs it

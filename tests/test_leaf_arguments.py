@@ -194,10 +194,10 @@ class TestArgumentKinds(CompileTestCase):
         self.assertExpectedInline(leafpass.format_graph(gm), """\
 inputs: x
 t0 = torch._C._nn.linear(x, inp.weight, inp.bias)
-t1 = leafpass.leaf_arguments.build_DynamicCache()
+t1 = build_DynamicCache()
 prefetch_all leaf (2 params)
 t2 = leaf(t0, extra=t1)
-t3 = leafpass.leaf_arguments.read_DynamicCache(t1)
+t3 = read_DynamicCache(t1)
 t4 = getitem(t3, 0)
 t5 = getitem(t3, 1)
 t6 = t2.relu()

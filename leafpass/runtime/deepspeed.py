@@ -334,3 +334,43 @@ def plain_linear_swap():
         return None
     original = getattr(pp.InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
     return None if original is None else (F.linear, original)
+
+
+# ----------------------------------------------------- what the gradient path needs
+
+
+def stage3_optimizer_of(root: nn.Module):
+    """The ``DeepSpeedZeroOptimizer_Stage3`` reducing ``root``'s gradients, or None.
+
+    stage3.py (0.19.x), ``create_reduce_and_remove_grad_hooks``: every trainable parameter
+    outside leaf modules gets a post-accumulate-grad hook ``reduce_partition_and_remove_grads``
+    and every leaf module a full backward hook ``reduce_leaf_module_grads``, both closures
+    over ``self``, the optimizer. As for the offload object (:func:`_offload_for`), no public
+    API leads from the model to it without the engine, which leafpass does not hold.
+    """
+    candidates = [(hook, "reduce_partition_and_remove_grads")
+                  for p in root.parameters() for hook in (getattr(p, "_post_accumulate_grad_hooks", None) or {}).values()]
+    candidates += [(hook, "reduce_leaf_module_grads") for m in root.modules() for hook in m._backward_hooks.values()]
+    for hook, name in candidates:
+        fn = _find_function(hook, name)
+        if fn is None:
+            continue
+        for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            if var == "self":
+                return cell.cell_contents
+    return None
+
+
+def count_gathered(owner, numel: int) -> None:
+    """Add ``numel`` to ``owner``'s coordinator's live-parameter count, as its own all-gather
+    does (partitioned_param_coordinator.py, ``__all_gather_params_``: ``__n_available_params
+    += all_gather_numel``); releasing the parameters subtracts it again."""
+    coordinator = owner.get_param_coordinator()
+    name = "_PartitionedParameterCoordinator__n_available_params"
+    _coordinator_private(coordinator, "n_available_params")  # raises by name if it is gone
+    setattr(coordinator, name, getattr(coordinator, name) + numel)
+
+
+def quantized_weights(owner) -> bool:
+    """``zero_quantized_weights`` as the coordinator was built with it."""
+    return bool(getattr(owner.get_param_coordinator(), "zero_quantized_weights", False))

@@ -77,6 +77,8 @@ from ..flags import z3_leaf_module
 from ..gather_ops import live_gathered
 from ..schedule_check import check_same_gather, check_same_leaves
 from . import deepspeed as ds
+from . import deepspeed_grad_path as grad_path
+from . import deepspeed_step_gather as step_gather
 from . import leaf_environment
 from ..module_plan import ModulePlan, set_plan
 from .deepspeed_module import ShardPlan, StandIns
@@ -98,11 +100,17 @@ class StepStats:
         self.releases = 0
         # gather="module": (bucket_elements, prefetch_distance) of the last such call
         self.module_settings: tuple[int, int] | None = None
+        # who reduces the gradients: "leafpass", "deepspeed", or "deepspeed: <why leafpass's
+        # path does not apply>" (leafpass.runtime.deepspeed_grad_path); None before the first call
+        self.grad_path: str | None = None
+        # gather="step": who gathered the whole model last time: "in place" (one all-reduce,
+        # leafpass.runtime.deepspeed_step_gather) or "deepspeed" (its coalesced all-gather)
+        self.step_gather: str | None = None
 
     def __repr__(self) -> str:
         return (f"StepStats(policy={self.policy!r}, calls={self.calls}, gathered_elements="
                 f"{self.gathered_elements}, peak_gathered_elements={self.peak_gathered_elements}, "
-                f"releases={self.releases})")
+                f"releases={self.releases}, grad_path={self.grad_path!r})")
 
 
 def _outside_leaves(root: nn.Module) -> list[nn.Module]:
@@ -125,6 +133,8 @@ class DeepSpeedGatherer:
         self._owner = owner
         self._slots = ds.hook_slots(owner)
         self._checked = False
+        self._grad_path_choice: str | None = None
+        self._gather_buffer = step_gather.GatherBuffer()  # gather="step"'s memory, kept between steps
         # what the last call left to undo after backward: ("step", params) or ("module", None)
         self._pending: tuple[str, list[nn.Parameter] | None] | None = None
         # the model's size does not change after deepspeed.initialize: what "auto" compares
@@ -211,6 +221,7 @@ class DeepSpeedGatherer:
     def _before(self, root: nn.Module, options: dict) -> "_HooksTakenOut | None":
         chosen = self.resolve(options)
         self.stats.policy = chosen
+        self._choose_grad_path(root, options.get("grad_path", "leafpass"))
         if chosen == "hooks":
             if not self._checked:  # every rank calls the model here: name leaves that differ
                 self._checked = True
@@ -237,6 +248,25 @@ class DeepSpeedGatherer:
         hooks_off = _HooksTakenOut(self._slots, modules, root, self._disabled_hooks)
         hooks_off.take_out()
         return hooks_off
+
+    def _choose_grad_path(self, root: nn.Module, choice: str) -> None:
+        """Install or remove leafpass's gradient path on the engine's ZeRO-3 optimizer
+        (:mod:`leafpass.runtime.deepspeed_grad_path`) when the ``grad_path`` option changes."""
+        if self._grad_path_choice == choice:
+            return
+        self._grad_path_choice = choice
+        optimizer = ds.stage3_optimizer_of(root)
+        if optimizer is None:
+            self.stats.grad_path = "deepspeed: no ZeRO-3 optimizer reduces this model's gradients"
+        elif choice == "leafpass":
+            reason = grad_path.install(optimizer)
+            self.stats.grad_path = "leafpass" if reason is None else f"deepspeed: {reason}"
+            if reason is not None:
+                log.info("leafpass: grad_path='leafpass' does not apply to %s (%s); DeepSpeed reduces "
+                         "its gradients", type(root).__name__, reason)
+        else:
+            grad_path.uninstall(optimizer)
+            self.stats.grad_path = "deepspeed"
 
     def _check_leaves(self, root: nn.Module, modules: list[nn.Module]) -> None:
         """Refuse, before any collective, leaves DeepSpeed's hooks do not treat as leaves:
@@ -276,7 +306,11 @@ class DeepSpeedGatherer:
         # with a complete trace prefetches a model that fits its limits; each leaf's
         # prefetch_all then finds its parameters gathered.
         missing = ds.not_available(params)
-        ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (the whole model)")
+        why_not = (step_gather.gather_in_place(self._owner, missing, self._gather_buffer, params)
+                   if missing else "nothing to gather")
+        if why_not is not None:
+            ds.gather_and_wait(self._owner, missing, what=f"{type(root).__name__} (the whole model)")
+        self.stats.step_gather = "deepspeed" if why_not is not None else "in place"
         gathered = sum(int(p.ds_numel) for p in params)
         self.stats.gathered_elements = gathered
         self.stats.peak_gathered_elements = max(self.stats.peak_gathered_elements, gathered)

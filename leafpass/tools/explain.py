@@ -26,10 +26,11 @@ class, qualified_class, params, numel, bytes, flagged_by, opaque_calls}`` where
 ``params`` counts parameter tensors as ``prefetch_all`` does and ``numel`` their
 elements), ``graphs`` (int), ``graph_details`` (per graph: ``ops``, ``leaf_calls``,
 ``prefetches``, and ``text`` with ``--graph``), ``graph_breaks`` (the raw list, one
-``{reason, location, function, module, in_leaf, user_stack, detail}`` per break Dynamo
-recorded), ``skipped_frames`` (frames Dynamo gave up on; same fields plus ``code``),
+``{reason, location, function, module, in_leaf, constructing, user_stack, detail}`` per break
+Dynamo recorded; ``constructing`` names the module class being built when the break is in
+its ``__init__``, a module built inside a ``forward``, else null), ``skipped_frames`` (frames Dynamo gave up on; same fields plus ``code``),
 ``break_causes`` (both grouped by location and reason, most frequent first: ``{location,
-reason, function, module, in_leaf, breaks, eager_frames, eager_functions, graph_breaks,
+reason, function, module, in_leaf, constructing, breaks, eager_frames, eager_functions, graph_breaks,
 skipped_frames, stack, folded_frames}``, ``graph_breaks``/``skipped_frames`` being indices
 into the raw lists and ``stack`` the short stack), ``recompiles`` (a list, one
 ``{function, location, reason, module, compile_id}`` per recompile: its length is the
@@ -38,8 +39,10 @@ count), ``prefetches`` (list of ``{leaf, params}`` in order), and with ``--sugge
 breaks, recompiles, params, numel, bytes, recommended, after, apply}``, ``after`` being
 ``{graphs, breaks, recompiles}`` as the check measured or null) and ``suggestion_check``
 (``{flagged, status, graphs_before, graphs_after, breaks_before, breaks_after,
-recompiles_before, recompiles_after, apply}``, plus ``failed_class`` and a one-line
-``error`` when ``status`` is ``failed``).
+recompiles_before, recompiles_after, apply}``, plus ``failed_class``, a one-line
+``error`` and ``ran_eagerly`` when ``status`` is ``failed``: ``ran_eagerly`` is true when the
+model ran but a flagged leaf's call could not be compiled, a ``LeafArgumentError`` that
+Dynamo caught and answered by running the calling frame eagerly).
 
 The report is also logged as the structured-trace artifact ``leafpass_explain``, so a
 run under ``TORCH_TRACE=dir`` shows it in tlparse.
@@ -350,10 +353,14 @@ def render_text(report: dict[str, Any]) -> str:
             counts.append(f"{c['eager_frames']} eager frame{'s' * (c['eager_frames'] != 1)}")
         add(f"  {i}. {c['location']} in {c['function']}: {', '.join(counts)}")
         add(f"     {c['reason']}")
-        add(f"     module: {_modules(c['module'])}   in leaf: {'yes' if c['in_leaf'] else 'no'}")
+        built = f"   constructing a {c['constructing']}" if c.get("constructing") else ""
+        add(f"     module: {_modules(c['module'])}   in leaf: {'yes' if c['in_leaf'] else 'no'}{built}")
         if len(c["stack"]) > 1:
             folded = f"  (+{c['folded_frames']} library frames)" if c["folded_frames"] else ""
             add(f"     stack: {' > '.join(c['stack'])}{folded}")
+    if any(c["reason"].startswith("LeafArgumentError:") for c in causes):
+        add("  note: a LeafArgumentError means a flagged leaf's call could not be compiled: Dynamo ran the frame")
+        add("        that calls it eagerly (no error is raised); its message names the leaf, the argument and the fix")
     if any(c["in_leaf"] for c in causes):
         add("  note: a break in leaf code means the leaf's code was traced, not kept opaque: it was entered")
         add("        other than by module(...) from a compiled frame (e.g. leaf.forward(...)); call the leaf itself")
@@ -429,6 +436,9 @@ def check_line(check: dict[str, Any], suggestions: list[dict[str, Any]]) -> str:
                 f"{_plural(check['breaks_after'], 'break')}, {_plural(check['recompiles_after'], 'recompile')} "
                 f"(before: {_plural(check['graphs_before'], 'graph')}, {_plural(check['breaks_before'], 'break')}, "
                 f"{_plural(check['recompiles_before'], 'recompile')})")
+    if status == "failed" and check.get("ran_eagerly"):
+        return (f"check: failed: with {check['failed_class']} flagged on a copy of the model, a leaf's call could "
+                f"not be compiled (Dynamo ran its frame eagerly): {_one_line(check['error'], 400)}")
     if status == "failed":
         return (f"check: failed: with {check['failed_class']} flagged on a copy of the model, the model raised "
                 f"{_one_line(check['error'], 400)}")
