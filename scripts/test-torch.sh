@@ -32,7 +32,7 @@ fi
 # Every later install names the torch pin, so no resolver step can swap it.
 DS_BUILD_OPS=0 "$venv/bin/python" -m pip install -q "torch==$version" "deepspeed==0.19.8" \
   "transformers==5.24.*" "accelerate==1.16.*" "pytest>=8" "pytest-timeout>=2.3" "expecttest>=0.3" \
-  "setuptools>=70.1"  # builds wheels itself (bdist_wheel): the wheel tests; a new venv has 65.x
+  "setuptools>=70.1,<82"  # builds wheels itself (bdist_wheel): the wheel tests; a new venv has 65.x
 "$venv/bin/python" -m pip install -q --no-deps -e .
 have=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
 if [ "${have%%+*}" != "$version" ]; then
