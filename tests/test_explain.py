@@ -667,3 +667,14 @@ def test_qwen3_moe_suggests_the_sparse_moe_block_and_checks_it(qwen3_moe):
     lines = [t for t in explain.render_text(report).splitlines() if "check:" in t]
     assert len(lines) == 1 and lines[0].startswith(
         "  check: with Qwen3MoeSparseMoeBlock flagged on a copy of the model: 1 graph, 0 breaks, 0 recompiles (before: ")
+
+
+def test_a_leaf_argument_error_is_read_from_the_reason_as_every_torch_writes_it():
+    from leafpass.tools.explain_reasons import leaf_argument_error
+
+    message = "leafpass: leaf Gate is called with args[1].hook = Linear, which cannot go through it."
+    torch_2_13 = f'Developer debug context: raised exception LeafArgumentError("{message}")'
+    torch_2_11 = f'Developer debug context: raised exception LeafArgumentError((ConstantVariable(str: "{message}"),))'
+    for reason in (torch_2_13, torch_2_11):
+        assert leaf_argument_error(reason) == "LeafArgumentError: " + message.removeprefix("leafpass: ")
+    assert leaf_argument_error("Observed exception") is None

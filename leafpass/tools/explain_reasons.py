@@ -12,8 +12,11 @@ _EXPLANATION = re.compile(r"^\s*Explanation:\s*(.*)$", re.M)
 # Dynamo traces leafpass's copy of a leaf's object arguments, so a LeafArgumentError raised
 # there is one Dynamo catches ("Observed exception"): it runs the frame eagerly, where the leaf
 # takes the object as it is, and the error is left only in the reason's debug context:
-# `raised exception LeafArgumentError("leafpass: leaf Block is called with ...")`.
-_LEAF_ARGUMENT_ERROR = re.compile(r"""LeafArgumentError\((?P<text>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')\)""")
+# `raised exception LeafArgumentError("leafpass: leaf Block is called with ...")` (torch 2.12+;
+# torch 2.11 writes the argument's tracker: `LeafArgumentError((ConstantVariable(str: "..."),))`).
+_LEAF_ARGUMENT_ERROR = re.compile(
+    r"""LeafArgumentError\((?:\(ConstantVariable\(str: )?(?P<text>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')\)"""
+)
 
 
 def leaf_argument_error(text: str) -> str | None:
