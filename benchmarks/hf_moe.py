@@ -21,7 +21,7 @@ and without ``leaf_compile``.
 After its timed steps, each way in ``--breakdown-ways`` runs ``--profile-steps`` more steps
 on rank 0 with :class:`benchmarks.step_breakdown.StepBreakdown`: forward / backward /
 optimizer split into gathers, leaf forward, compiled non-leaf forward, DeepSpeed's gradient
-path (reduce-scatter apart), leafpass's own Python and the rest.
+path (the bucket reduction apart), leafpass's own Python and the rest.
 
 Prints one table per (model, experts implementation, size, ranks), the breakdowns and the
 goals of issue 15 (met / not met); writes ``benchmarks/results/hf_moe.json``.

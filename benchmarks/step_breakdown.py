@@ -17,10 +17,14 @@ all-gather                 launching the all-gather collectives (``deepspeed.com
 leaf forward               a leaf's forward, between the engine's hooks (a forward pre-hook
                            registered last, a forward hook registered first)
 non-leaf forward           z3leaf's compiled pieces (``lower._CompiledPiece``), forward only
-grad path                  DeepSpeed ZeRO-3's gradient path outside the collective:
+grad path                  DeepSpeed ZeRO-3's gradient path outside the bucket's reduction:
                            ``reduce_ready_partitions_and_remove_grads`` (copy into the bucket,
-                           flatten, partition) and ``independent_gradient_partition_epilogue``
-reduce-scatter             ``reduce_scatter_coalesced`` inside the gradient path
+                           partition) and ``independent_gradient_partition_epilogue``
+grad reduce                the reduction of a gradient bucket inside the gradient path:
+                           DeepSpeed's ``reduce_scatter_coalesced`` (pad, interleave with
+                           ``torch.cat``, divide, reduce-scatter) or, under
+                           ``grad_path="leafpass"``, its bucket all-reduce or interleaved
+                           reduce-scatter
 leafpass                   leafpass's own Python: ``DeepSpeedGatherer.call`` and
                            ``lower._LeafPiece.forward`` minus every bucket inside them
 rest                       whatever no bucket covers: in forward, eager non-leaf modules (eager
@@ -43,7 +47,7 @@ from typing import Any
 
 import torch
 
-BUCKETS = ("gather", "all-gather", "leaf forward", "non-leaf forward", "grad path", "reduce-scatter", "leafpass",
+BUCKETS = ("gather", "all-gather", "leaf forward", "non-leaf forward", "grad path", "grad reduce", "leafpass",
            "rest")
 PHASES = ("forward", "backward", "optimizer")
 
@@ -134,7 +138,11 @@ class StepBreakdown:
             self._wrap(deepspeed.comm, name, "all-gather")
         self._wrap(stage3.DeepSpeedZeroOptimizer_Stage3, "reduce_ready_partitions_and_remove_grads", "grad path")
         self._wrap(stage3.DeepSpeedZeroOptimizer_Stage3, "independent_gradient_partition_epilogue", "grad path")
-        self._wrap(stage3, "reduce_scatter_coalesced", "reduce-scatter")
+        self._wrap(stage3, "reduce_scatter_coalesced", "grad reduce")
+        from leafpass.runtime import deepspeed_grad_path
+
+        for name in ("_all_reduce_in_bucket", "_reduce_scatter_interleaved"):
+            self._wrap(deepspeed_grad_path, name, "grad reduce")
         self._wrap(lower._CompiledPiece, "forward", "non-leaf forward")
         self._wrap(lower._LeafPiece, "forward", "leafpass")
         self._wrap(DeepSpeedGatherer, "call", "leafpass")

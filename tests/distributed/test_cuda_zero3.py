@@ -7,7 +7,10 @@ eagerly and compiled with ``engine.compile(backend="z3leaf")`` under each gather
 (``step``: the whole model gathered once before the compiled forward; ``module``: the
 graph gathers the modules itself), with inductor's GPU kernels as the inner compiler, and
 the tests read its record: one graph, no graph break, losses and final weights equal to
-eager ZeRO-3's.
+eager ZeRO-3's. A fourth way, ``eager_grad_path``, is eager ZeRO-3 with leafpass's gradient
+path installed on its optimizer (``grad_path="leafpass"``: on NCCL strided copies into the
+interleaved layout and one reduce-scatter; on one GPU no collective): its losses and weights
+must equal plain eager ZeRO-3's bit for bit.
 """
 
 from __future__ import annotations
@@ -52,13 +55,17 @@ def _body(rank: int, world_size: int) -> dict:
     x = torch.randn(N_TOKENS, D, generator=gen).to(device)
     y = torch.randn(N_TOKENS, D, generator=gen).to(device)
     out: dict = {"device": None}
-    for way in ("eager", *POLICIES):
+    from leafpass.runtime import deepspeed_grad_path as grad_path
+
+    for way in ("eager", "eager_grad_path", *POLICIES):
         model = copy.deepcopy(base)
         optimizer = torch.optim.SGD(model.parameters(), lr=LR)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=zero3_config(1, **STRICT))
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        if way != "eager":
+        if way == "eager_grad_path":
+            assert grad_path.install(engine.optimizer) is None
+        elif way != "eager":
             engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": "inductor", "gather": way}})
         losses = _train(engine, x, y, N_STEPS)
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
@@ -70,6 +77,7 @@ def _body(rank: int, world_size: int) -> dict:
             "final": final,
             "graphs": counters["stats"]["unique_graphs"],
             "breaks": sum(counters["graph_break"].values()),
+            "grad_path_usage": grad_path.usage(engine.optimizer),
         }
     return out
 
@@ -89,6 +97,17 @@ def test_one_graph_no_break(runs, policy):
     for rank, r in enumerate(runs):
         assert r[policy]["graphs"] == 1, (rank, r[policy]["graphs"])
         assert r[policy]["breaks"] == 0, rank
+
+
+def test_leafpass_grad_path_is_deepspeeds_bit_for_bit(runs):
+    for rank, r in enumerate(runs):
+        usage = r["eager_grad_path"]["grad_path_usage"]
+        assert ("interleave" if len(runs) > 1 else "one rank") in usage, (rank, usage)
+        assert r["eager_grad_path"]["losses"] == r["eager"]["losses"], rank
+        for name, value in r["eager"]["final"].items():
+            assert torch.equal(r["eager_grad_path"]["final"][name], value), (rank, name)
+        for policy in POLICIES:  # the compiled ways install it by default
+            assert r[policy]["grad_path_usage"], (rank, policy)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
