@@ -54,18 +54,20 @@ def train(rank: int, world_size: int, steps: int, inner: str) -> dict:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=zero3_config())
         if mode == "z3leaf":
             engine.compile(backend="z3leaf", compile_kwargs={"options": {"inner": inner}})
-        losses, gathers = [], []
+        losses, gathers, reduces = [], [], []
         with leafpass.record_graphs() as rec:
             for _ in range(steps):
                 with count_collectives() as counter:
                     loss = F.mse_loss(engine(x), y)
                 gathers.append(counter.all_gather)
+                reduces.append(counter.all_reduce)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.item())
         result[mode] = {
             "losses": losses,
             "forward_all_gathers": gathers,
+            "forward_all_reduces": reduces,
             "graphs": len(rec.graphs),
             "prefetches": sum(len(leafpass.leaf_schedule(gm)) for gm in rec.graphs),
             "gather": getattr(leafpass.gather_stats(engine.module), "policy", None),
@@ -88,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         diff = max(abs(a - b) for a, b in zip(eager["losses"], compiled["losses"]))
         ok &= diff <= 1e-5 and compiled["graphs"] == 1
         print(f"rank {rank}: losses match eager ZeRO-3: {'yes' if diff <= 1e-5 else f'NO (max diff {diff:.2e})'}; "
-              f"all-gathers per forward: eager {eager['forward_all_gathers']}, "
-              f"z3leaf {compiled['forward_all_gathers']}")
+              f"all-gathers / all-reduces per forward: eager {eager['forward_all_gathers']} / "
+              f"{eager['forward_all_reduces']}, z3leaf {compiled['forward_all_gathers']} / "
+              f"{compiled['forward_all_reduces']}")
     compiled = per_rank[0]["z3leaf"]
     print(f"graphs z3leaf compiled (rank 0): {compiled['graphs']} (gather={compiled['gather']!r}); "
           f"prefetch_all calls in it: {compiled['prefetches']}")
