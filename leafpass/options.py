@@ -21,12 +21,18 @@ GATHER_POLICIES: Mapping[str, str] = {
 }
 
 
+def _one_of(option: str, value: Any, choices: Mapping[str, str]) -> str:
+    """``value`` if it is a key of ``choices``, else a ValueError naming ``option`` and what
+    each valid value does."""
+    if not isinstance(value, str) or value not in choices:
+        valid = "; ".join(f"{name!r}: {what}" for name, what in choices.items())
+        raise ValueError(f"z3leaf option {option!r} must be one of {list(choices)}; got {value!r}. {valid}")
+    return value
+
+
 def check_gather(value: Any) -> str:
     """``value`` if it names a gather policy, else a ValueError listing the valid ones."""
-    if not isinstance(value, str) or value not in GATHER_POLICIES:
-        valid = "; ".join(f"{name!r}: {what}" for name, what in GATHER_POLICIES.items())
-        raise ValueError(f"z3leaf option 'gather' must be one of {list(GATHER_POLICIES)}; got {value!r}. {valid}")
-    return value
+    return _one_of("gather", value, GATHER_POLICIES)
 
 
 LEAF_COMPILE_MODES: Mapping[str, str] = {
@@ -38,12 +44,7 @@ LEAF_COMPILE_MODES: Mapping[str, str] = {
 
 def check_leaf_compile(value: Any) -> str:
     """``value`` if it names a leaf-compile mode, else a ValueError listing the valid ones."""
-    if not isinstance(value, str) or value not in LEAF_COMPILE_MODES:
-        valid = "; ".join(f"{name!r}: {what}" for name, what in LEAF_COMPILE_MODES.items())
-        raise ValueError(
-            f"z3leaf option 'leaf_compile' must be one of {list(LEAF_COMPILE_MODES)}; got {value!r}. {valid}"
-        )
-    return value
+    return _one_of("leaf_compile", value, LEAF_COMPILE_MODES)
 
 
 GRAD_PATHS: Mapping[str, str] = {
@@ -56,10 +57,7 @@ GRAD_PATHS: Mapping[str, str] = {
 
 def check_grad_path(value: Any) -> str:
     """``value`` if it names a gradient path, else a ValueError listing the valid ones."""
-    if not isinstance(value, str) or value not in GRAD_PATHS:
-        valid = "; ".join(f"{name!r}: {what}" for name, what in GRAD_PATHS.items())
-        raise ValueError(f"z3leaf option 'grad_path' must be one of {list(GRAD_PATHS)}; got {value!r}. {valid}")
-    return value
+    return _one_of("grad_path", value, GRAD_PATHS)
 
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
