@@ -65,14 +65,21 @@ def _offload_for(leaf: nn.Module):
     API links a module to it, and the hook is what DeepSpeed itself will call next.
     """
     for hook in leaf._forward_pre_hooks.values():
-        fn = _find_function(hook, "_pre_forward_module_hook")
-        if fn is None:
-            continue
-        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
-            if name == "self":
-                owner = cell.cell_contents
-                if callable(getattr(owner, "get_param_coordinator", None)):
-                    return owner
+        owner = _closure_self(hook, "_pre_forward_module_hook")
+        if callable(getattr(owner, "get_param_coordinator", None)):
+            return owner
+    return None
+
+
+def _closure_self(hook, name: str):
+    """The ``self`` that the function named ``name`` inside ``hook`` closes over, or None:
+    DeepSpeed's hooks are closures defined in methods of the object that owns them."""
+    fn = _find_function(hook, name)
+    if fn is None:
+        return None
+    for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        if var == "self":
+            return cell.cell_contents
     return None
 
 
@@ -352,12 +359,9 @@ def stage3_optimizer_of(root: nn.Module):
                   for p in root.parameters() for hook in (getattr(p, "_post_accumulate_grad_hooks", None) or {}).values()]
     candidates += [(hook, "reduce_leaf_module_grads") for m in root.modules() for hook in m._backward_hooks.values()]
     for hook, name in candidates:
-        fn = _find_function(hook, name)
-        if fn is None:
-            continue
-        for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
-            if var == "self":
-                return cell.cell_contents
+        optimizer = _closure_self(hook, name)
+        if optimizer is not None:
+            return optimizer
     return None
 
 
